@@ -231,6 +231,14 @@ class RunConfig:
         self.parallel.validate(self.model if self.model.vocab_size else None, world_size)
         self.train.validate()
         self.clone.validate()
+        if self.parallel.pp_size > 1 and self.parallel.zero_stage == 0 and self.train.grad_clip > 0:
+            # DeepSpeed's ZeRO-0 gradient norm leaves out later stages' replicated parameters (it counts
+            # them only on model-parallel rank 0), so clipping would use a wrong norm; ZeRO-1 is exact.
+            raise ConfigError(
+                f"parallel.zero_stage=0 with parallel.pp_size={self.parallel.pp_size} and train.grad_clip="
+                f"{self.train.grad_clip}: DeepSpeed computes a wrong gradient norm here; use zero_stage 1 "
+                "or set train.grad_clip=0"
+            )
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"

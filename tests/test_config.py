@@ -63,3 +63,9 @@ def test_value_types_checked(tmp_path) -> None:
         load_run_config(path)
     path.write_text("train:\n  lr: 3e-4\n")
     assert load_run_config(path).train.lr == 3e-4
+
+
+def test_zero0_pipeline_clipping_refused() -> None:
+    with pytest.raises(ConfigError, match=r"zero_stage=0 with parallel.pp_size=2"):
+        load_run_config(None, ["parallel.pp_size=2", "parallel.zero_stage=0"]).validate()
+    load_run_config(None, ["parallel.pp_size=2", "parallel.zero_stage=0", "train.grad_clip=0"]).validate()

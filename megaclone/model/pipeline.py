@@ -13,13 +13,32 @@ from torch import nn
 
 from megaclone.config import ModelConfig
 from megaclone.model.gpt import Embedding, TransformerBlock, parallel_logits
-from megaclone.parallel import ColumnParallelLinear, Layout, TPRNGTracker, vocab_parallel_cross_entropy
+from megaclone.parallel import (
+    ColumnParallelLinear,
+    Layout,
+    TPGroup,
+    TPRNGTracker,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 from megaclone.spec import stage_layer_range
 
 TIED_KEY = "embed"
 
 
-def _tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+class TiedWordEmbedding(nn.Module):
+    """The last stage's copy of the tied embedding: the word table only.
+
+    Learned positions belong to the first stage alone (`spec.stages_of`); a full `Embedding` here would
+    hold a second, never-synchronised `embedding.position.weight` under the same global name.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.word = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, tp)
+
+
+def _tied_logits(embedding: Embedding | TiedWordEmbedding, x: torch.Tensor) -> torch.Tensor:
     return parallel_logits(x, embedding.word.weight, embedding.word.tp)
 
 
@@ -50,8 +69,10 @@ def build_pipeline_module(cfg: ModelConfig, layout: Layout, rng: TPRNGTracker | 
     norm_cls = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
     first = TiedLayerSpec(TIED_KEY, Embedding, cfg, tp, tied_weight_attr="word.weight") if tied \
         else LayerSpec(Embedding, cfg, tp)
-    last = TiedLayerSpec(TIED_KEY, Embedding, cfg, tp, forward_fn=_tied_logits, tied_weight_attr="word.weight") \
-        if tied else LayerSpec(ColumnParallelLinear, cfg.hidden_size, cfg.padded_vocab_size, tp, bias=False)
+    # With PP=1 DeepSpeed reuses the first stage's module for the second spec of the same key.
+    last = TiedLayerSpec(TIED_KEY, TiedWordEmbedding, cfg, tp, forward_fn=_tied_logits,
+                         tied_weight_attr="word.weight") if tied \
+        else LayerSpec(ColumnParallelLinear, cfg.hidden_size, cfg.padded_vocab_size, tp, bias=False)
     layers = [first, *(LayerSpec(TransformerBlock, cfg, tp, rng) for _ in range(cfg.num_layers)),
               LayerSpec(norm_cls, cfg.hidden_size, eps=cfg.norm_eps), last]
 
