@@ -1,0 +1,22 @@
+"""HyperCloning: widen a trained small model so that the wide one computes the same function.
+
+Works one target shard at a time: every widened tensor slice is built from the contiguous small
+slice it copies, with layout-invariant zero-sum noise (DESIGN.md sections 2-3).
+"""
+
+from megaclone.clone.monitor import copy_similarity
+from megaclone.clone.noise import NOISE_ROLES
+from megaclone.clone.plan import (
+    VARIANTS,
+    AxisMap,
+    axis_factor,
+    clone_factors,
+    small_read_ranges,
+    widen_model_config,
+)
+from megaclone.clone.rules import LINEAR_ROLES, Reader, clone_tensor
+from megaclone.clone.shard import build_clone_shard, clone_checkpoint
+
+__all__ = ["LINEAR_ROLES", "NOISE_ROLES", "VARIANTS", "AxisMap", "Reader", "axis_factor", "build_clone_shard",
+           "clone_checkpoint", "clone_factors", "clone_tensor", "copy_similarity", "small_read_ranges",
+           "widen_model_config"]

@@ -1,0 +1,91 @@
+"""HyperCloning rules by parameter role: one widened tensor slice from the small slice it needs.
+
+    linear weights (qkv, attn_out, mlp_in, mlp_gate_up, mlp_out, lm_head)
+                          W'[i', j'] = W[pi(i'), pi(j')] / q       q = factor of the input axis (1)
+    embedding, position   E'[v, j'] = E[v, pi(j')]                  no scaling
+    norms, biases         gamma o pi, beta o pi, b o pi             no scaling
+    tied final norm       (gamma o pi) / n, (beta o pi) / n         the tied unembedding would need E'/n
+    diagonal variant      weights with both axes widened: output copy k reads only input copy k mod q,
+                          with weight W; the other blocks are zero
+    noise                 zero-sum over the q input copies (megaclone.clone.noise)
+
+Everything is indexed with global indices, so a slice is computed identically whatever the layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from megaclone.clone.noise import noise_applies, noise_scale, zero_sum_noise
+from megaclone.clone.plan import Index, axis_maps, clone_factors, normalize_index, small_spec_of
+from megaclone.config import CloneConfig, ModelConfig
+from megaclone.spec import ParamSpec, spec_table
+
+LINEAR_ROLES = ("qkv", "attn_out", "mlp_in", "mlp_gate_up", "mlp_out", "lm_head")
+Reader = Callable[[str, Index], torch.Tensor]  # read(small_name, small_index) -> that slice of the small tensor
+
+
+def _check_against_small(wide_spec: ParamSpec, small_cfg: ModelConfig, n: int, m: int) -> None:
+    small = spec_table(small_cfg).get(wide_spec.name)
+    want = small_spec_of(wide_spec, n, m)
+    if small is None or small != want:
+        got = "absent" if small is None else f"shape {list(small.shape)}"
+        raise ValueError(f"{wide_spec.name}: a x{n} (ffn x{m}) clone of shape {list(wide_spec.shape)} needs a small "
+                         f"parameter of shape {list(want.shape)}; the small model config has it {got}")
+
+
+def uses_diagonal(wide_spec: ParamSpec, factors: list[int], variant: str) -> bool:
+    """The diagonal rule applies to linear weights whose output and input axes are both widened."""
+    return (variant == "diagonal" and wide_spec.role in LINEAR_ROLES and not wide_spec.is_bias
+            and len(factors) == 2 and factors[0] > 1 and factors[1] > 1)
+
+
+def clone_tensor(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneConfig, read: Reader,
+                 index: Index = ()) -> torch.Tensor:
+    """The slice `index` (step-1 slices) of one widened global tensor, in fp32.
+
+    Calls `read(name, small_index)` once, for the tight contiguous small range the slice copies
+    (a target TP shard reads exactly the small units its copies come from, nothing else).
+    """
+    n, m = clone_factors(clone_cfg)
+    _check_against_small(wide_spec, small_cfg, n, m)
+    name = wide_spec.name
+    ranges = normalize_index(wide_spec.shape, index, name)
+    maps = axis_maps(wide_spec, n, m)
+    wide_idx = [torch.arange(start, stop) for start, stop in ranges]
+    if any(len(w) == 0 for w in wide_idx):
+        return torch.zeros([len(w) for w in wide_idx])
+    small_idx = [amap.small_index(w) for amap, w in zip(maps, wide_idx)]
+    lows = [int(s.min()) for s in small_idx]
+    small_index = tuple(slice(lo, int(s.max()) + 1) for lo, s in zip(lows, small_idx))
+    small = read(name, small_index)
+    want = tuple(sl.stop - sl.start for sl in small_index)
+    if tuple(small.shape) != want:
+        raise ValueError(f"{name}: read({name!r}, {small_index}) returned shape {list(small.shape)}, "
+                         f"expected {list(want)}")
+    out = small.detach().to(dtype=torch.float32, device="cpu")
+    for dim, (s, lo) in enumerate(zip(small_idx, lows)):
+        out = out.index_select(dim, s - lo)  # gather along this axis: wide element <- small element pi(i')
+
+    factors = [amap.factor for amap in maps]
+    role = wide_spec.role
+    if role in LINEAR_ROLES and not wide_spec.is_bias:
+        q = factors[1]
+        diagonal = uses_diagonal(wide_spec, factors, clone_cfg.variant)
+        if diagonal:
+            copy_out = maps[0].copy_index(wide_idx[0]) % q
+            copy_in = maps[1].copy_index(wide_idx[1])
+            mask = copy_out.unsqueeze(1) == copy_in.unsqueeze(0)  # [rows, cols]
+            signal = torch.where(mask, out, torch.zeros_like(out))
+        else:
+            signal = out / q
+        if clone_cfg.noise_db is not None and noise_applies(wide_spec, q):
+            scale = noise_scale(float(clone_cfg.noise_db), q, diagonal)
+            eta = zero_sum_noise(wide_spec, int(clone_cfg.seed), maps[1], ranges[0], ranges[1], out.abs(), scale)
+            signal = signal + eta
+        return signal.contiguous()
+    if role == "final_norm" and small_cfg.tied_embeddings:
+        return (out / n).contiguous()
+    return out.contiguous()
