@@ -31,7 +31,7 @@ class ModelConfig:
     num_query_groups: int | None = None  # None: MHA (= num_heads); 1: MQA
     head_size: int | None = None  # None: hidden_size // num_heads
     ffn_size: int | None = None  # None: 4 * hidden (gelu) or 8/3 * hidden rounded to 64 (swiglu)
-    activation: str = "gelu"  # gelu | swiglu
+    activation: str = "gelu"  # gelu (tanh approximation, GPT-2's gelu_new) | gelu_exact (erf) | swiglu
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     position: str = "rope"  # rope | learned
@@ -42,6 +42,15 @@ class ModelConfig:
     dropout: float = 0.0  # residual / embedding dropout
     attention_dropout: float = 0.0
     init_std: float = 0.02
+    # Options that imported models need (megaclone.hf); the defaults are the original architecture.
+    qkv_bias: bool | None = None  # None: same as `bias`; True with bias=False: q/k/v biases only (Qwen2)
+    parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm(x)), both branches read x (GPT-NeoX)
+    rope_fraction: float = 1.0  # rotate the leading int(head_size * fraction) dims of each head (GPT-NeoX)
+    rope_scaling: str = "none"  # none | linear | llama3: how long-context models stretch the frequencies
+    rope_scaling_factor: float = 1.0  # linear and llama3
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_seq_len: int = 8192  # llama3: the context length of the original pretraining
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -61,8 +70,8 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        choices = {"activation": ("gelu", "swiglu"), "norm": ("layernorm", "rmsnorm"),
-                   "position": ("rope", "learned")}
+        choices = {"activation": ("gelu", "gelu_exact", "swiglu"), "norm": ("layernorm", "rmsnorm"),
+                   "position": ("rope", "learned"), "rope_scaling": ("none", "linear", "llama3")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}: expected one of {allowed}")
@@ -79,9 +88,39 @@ class ModelConfig:
             )
         if self.position == "rope" and self.head_size % 2:
             raise ConfigError(f"model.head_size={self.head_size} must be even for rope")
+        self._validate_rope()
         for key in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
+
+    def _validate_rope(self) -> None:
+        if self.position != "rope":
+            if self.rope_fraction != 1.0 or self.rope_scaling != "none":
+                raise ConfigError(f"model.rope_fraction={self.rope_fraction} and model.rope_scaling="
+                                  f"{self.rope_scaling!r} need model.position='rope', got {self.position!r}")
+            return
+        if not 0.0 < self.rope_fraction <= 1.0:
+            raise ConfigError(f"model.rope_fraction={self.rope_fraction} must be in (0, 1]")
+        if self.rope_size < 2 or self.rope_size % 2:
+            raise ConfigError(f"model.rope_fraction={self.rope_fraction} of model.head_size={self.head_size} gives "
+                              f"{self.rope_size} rotary dims: need an even number >= 2")
+        if self.rope_scaling != "none" and self.rope_scaling_factor <= 0:
+            raise ConfigError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be > 0")
+        if self.rope_scaling == "llama3":
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise ConfigError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} and "
+                                  f"model.rope_high_freq_factor={self.rope_high_freq_factor}: need 0 < low < high")
+            if self.rope_original_max_seq_len <= 0:
+                raise ConfigError(f"model.rope_original_max_seq_len={self.rope_original_max_seq_len} must be > 0")
+
+    @property
+    def rope_size(self) -> int:
+        """Leading dims of each head that rotary embeddings rotate (the rest pass through)."""
+        return int(self.head_size * self.rope_fraction)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def padded_vocab_size(self) -> int:

@@ -24,6 +24,24 @@ from dataclasses import dataclass
 
 from megaclone.config import ModelConfig
 
+# The module path of every parameter slot: global names are "<path>.weight" / "<path>.bias", with
+# "blocks.<i>." in front inside block i. Code outside this module spells names only through `param_name`.
+SLOT_PATHS = {"embedding": "embedding.word", "pos_embedding": "embedding.position", "attn_norm": "attn_norm",
+              "qkv": "attn.qkv", "attn_out": "attn.out", "mlp_norm": "mlp_norm", "mlp_in": "mlp.fc_in",
+              "mlp_gate_up": "mlp.gate_up", "mlp_out": "mlp.fc_out", "final_norm": "final_norm", "lm_head": "lm_head"}
+BLOCK_SLOTS = ("attn_norm", "qkv", "attn_out", "mlp_norm", "mlp_in", "mlp_gate_up", "mlp_out")
+
+
+def param_name(slot: str, block: int | None = None, bias: bool = False) -> str:
+    """Global name of the weight (or bias) of `slot`, in `block` for the per-block slots."""
+    if slot not in SLOT_PATHS:
+        raise ValueError(f"unknown parameter slot {slot!r}; known: {sorted(SLOT_PATHS)}")
+    if (block is None) != (slot not in BLOCK_SLOTS):
+        raise ValueError(f"slot {slot!r}: block={block} (a block index is needed exactly for {BLOCK_SLOTS})")
+    prefix = "" if block is None else f"blocks.{block}."
+    return f"{prefix}{SLOT_PATHS[slot]}.{'bias' if bias else 'weight'}"
+
+
 ROLES = ("embedding", "pos_embedding", "qkv", "attn_out", "mlp_in", "mlp_gate_up", "mlp_out",
          "norm", "final_norm", "lm_head")
 SPLIT_KINDS = ("groups", "ffn", "vocab")
@@ -104,9 +122,9 @@ def build_param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     specs: list[ParamSpec] = []
 
     def add(name: str, role: str, axes: tuple[Axis, ...], layer: int, tp_axis: int | None,
-            bias_axis: Axis | None = None, bias_tp: bool = False) -> None:
+            bias_axis: Axis | None = None, bias_tp: bool = False, has_bias: bool | None = None) -> None:
         specs.append(ParamSpec(name + ".weight", role, False, axes, layer, tp_axis))
-        if bias_axis is not None and cfg.bias:
+        if bias_axis is not None and (cfg.bias if has_bias is None else has_bias):
             specs.append(ParamSpec(name + ".bias", role, True, (bias_axis,), layer, 0 if bias_tp else None))
 
     def add_norm(name: str, role: str, layer: int) -> None:
@@ -120,7 +138,8 @@ def build_param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     for i in range(L):
         p, layer = f"blocks.{i}", i + 1
         add_norm(f"{p}.attn_norm", "norm", layer)
-        add(f"{p}.attn.qkv", "qkv", (qkv_units, hidden), layer, 0, qkv_units, bias_tp=True)
+        add(f"{p}.attn.qkv", "qkv", (qkv_units, hidden), layer, 0, qkv_units, bias_tp=True,
+            has_bias=cfg.has_qkv_bias)
         add(f"{p}.attn.out", "attn_out", (hidden, out_units), layer, 1, hidden)
         add_norm(f"{p}.mlp_norm", "norm", layer)
         if gated:

@@ -132,12 +132,19 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
+        """A sentencepiece model, or a Hugging Face `tokenizer.json` (picked by content: JSON starts with `{`).
+
+        By content rather than by name, because a checkpoint stores its tokenizer as `tokenizer.model`
+        whatever its kind.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"tokenizer model {path} does not exist (train one with tools/train_tokenizer.py)"
             )
         data = path.read_bytes()
+        if data.lstrip()[:1] == b"{":
+            return HFTokenizer.from_json(data, path)
         processor = spm.SentencePieceProcessor()
         try:
             processor.LoadFromSerializedProto(data)
@@ -178,3 +185,85 @@ class Tokenizer:
     def pad_id(self) -> int:
         """-1 when the model has no pad piece (a sentencepiece model trained elsewhere)."""
         return self._processor.pad_id()
+
+
+# Special tokens of common HF tokenizers, tried when no tokenizer_config.json names them.
+_SPECIAL_CANDIDATES = {
+    "bos_token": ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>"),
+    "eos_token": ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "<|im_end|>"),
+    "pad_token": ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>"),
+}
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` model (the tokenizer.json of an imported checkpoint) behind the same interface.
+
+    Special ids come from a `tokenizer_config.json` beside the file when there is one, else from the usual
+    token names; -1 when neither names one.
+    """
+
+    def __init__(self, tokenizer: object, path: Path, sha256: str, special: dict[str, int]) -> None:
+        self._tokenizer = tokenizer
+        self.path = path
+        self.sha256 = sha256
+        self._special = special
+
+    @classmethod
+    def from_json(cls, data: bytes, path: Path) -> HFTokenizer:
+        try:
+            from tokenizers import Tokenizer as RustTokenizer
+        except ImportError as e:
+            raise ImportError(f"tokenizer {path} is a Hugging Face tokenizer.json: install the `tokenizers` "
+                              f"package (pip install 'megaclone[hf]')") from e
+        try:
+            tokenizer = RustTokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file; also UnicodeDecodeError
+            raise ValueError(f"tokenizer {path} is not a valid Hugging Face tokenizer.json: {e}") from e
+        names = dict.fromkeys(_SPECIAL_CANDIDATES)
+        config = path.with_name("tokenizer_config.json")
+        if config.is_file():
+            import json
+
+            try:
+                values = json.loads(config.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{config}: not valid JSON ({e})") from e
+            for key in names:
+                value = values.get(key)
+                names[key] = value.get("content") if isinstance(value, dict) else value
+        special = {}
+        for key, candidates in _SPECIAL_CANDIDATES.items():
+            tried = [names[key]] if names[key] else list(candidates)
+            ids = [tokenizer.token_to_id(t) for t in tried if isinstance(t, str)]
+            special[key] = next((i for i in ids if i is not None), -1)
+        return cls(tokenizer, path.resolve(), hashlib.sha256(data).hexdigest(), special)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without the special tokens a post-processor would add."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """`tokenizers` parallelises batches itself (RAYON_NUM_THREADS); `num_threads` is accepted for parity."""
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._special["bos_token"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special["eos_token"]
+
+    @property
+    def pad_id(self) -> int:
+        return self._special["pad_token"]

@@ -7,6 +7,9 @@ pipeline (`megaclone.model.pipeline`). Nothing here knows about DeepSpeed.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,16 +43,60 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
     return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
 
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding settings, read from the config once at build time (plain values: no buffers to move)."""
+
+    size: int  # leading dims of each head that rotate: head_size, or a fraction of it (GPT-NeoX)
+    theta: float
+    scaling: str = "none"  # none | linear | llama3 (long-context models stretch the low frequencies)
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """Frequencies [size / 2] in fp32, computed as Hugging Face's rope functions do (same order of ops)."""
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.size, 2, device=device, dtype=torch.float32) / self.size)
+        if self.scaling == "linear":
+            return inv_freq / self.factor
+        if self.scaling == "llama3":  # divide low frequencies by factor, keep high ones, interpolate between
+            low_wavelen = self.original_max_seq_len / self.low_freq_factor
+            high_wavelen = self.original_max_seq_len / self.high_freq_factor
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+            smooth = (self.original_max_seq_len / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+        return inv_freq
+
+    def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables [seq, size] for rotate-half rotary embeddings, in fp32."""
+        angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq(device))
+        angles = torch.cat([angles, angles], dim=-1)  # [seq, size]
+        return angles.cos(), angles.sin()
+
+
+def build_rope(cfg: ModelConfig) -> Rope | None:
+    """The rotary settings of `cfg`, or None for learned positions."""
+    if cfg.position != "rope":
+        return None
+    return Rope(cfg.rope_size, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                cfg.rope_high_freq_factor, cfg.rope_original_max_seq_len)
+
+
 def rope_cos_sin(seq_len: int, head_size: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [seq, head_size] for rotate-half rotary embeddings, in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)  # [seq, head_size]
-    return angles.cos(), angles.sin()
+    """cos and sin tables [seq, head_size] for plain (unscaled, whole-head) rotary embeddings, in fp32."""
+    return Rope(head_size, theta).cos_sin(seq_len, device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [batch, heads, seq, head_size] by position."""
+    """Rotate the leading cos.shape[-1] dims of x [batch, heads, seq, head_size] by position; the rest pass."""
+    size = cos.shape[-1]
+    if size < x.shape[-1]:  # partial rotary (GPT-NeoX)
+        return torch.cat([apply_rope(x[..., :size], cos, sin), x[..., size:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -62,10 +109,10 @@ class Attention(nn.Module):
         super().__init__()
         self.groups = cfg.num_query_groups // tp.size  # groups on this rank
         self.heads_per_group, self.head_size = cfg.heads_per_group, cfg.head_size
-        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        self.rope = build_rope(cfg)
         self.dropout_p, self.rng = cfg.attention_dropout, rng
         unit = (self.heads_per_group + 2) * cfg.head_size
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * unit, tp, cfg.bias)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * unit, tp, cfg.has_qkv_bias)
         self.out = RowParallelLinear(cfg.num_heads * cfg.head_size, cfg.hidden_size, tp, cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +122,8 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :hpg].reshape(b, s, self.groups * hpg, hd).transpose(1, 2)  # [batch, heads, seq, head]
         k = qkv[:, :, :, hpg].transpose(1, 2)  # [batch, groups, seq, head]
         v = qkv[:, :, :, hpg + 1].transpose(1, 2)
-        if self.rope_theta is not None:
-            cos, sin = rope_cos_sin(s, hd, self.rope_theta, x.device)
+        if self.rope is not None:
+            cos, sin = self.rope.cos_sin(s, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout_p if self.training else 0.0
         if p > 0 and self.rng is not None:
@@ -94,6 +141,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         self.gated = cfg.activation == "swiglu"
+        self.approximate = "none" if cfg.activation == "gelu_exact" else "tanh"
         if self.gated:
             self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_size, tp, cfg.bias)
         else:
@@ -105,15 +153,16 @@ class MLP(nn.Module):
             gate_up = self.gate_up(x).unflatten(-1, (-1, 2))  # [batch, seq, local ffn, 2]
             h = F.silu(gate_up[..., 0]) * gate_up[..., 1]
         else:
-            h = F.gelu(self.fc_in(x), approximate="tanh")  # [batch, seq, local ffn]
+            h = F.gelu(self.fc_in(x), approximate=self.approximate)  # [batch, seq, local ffn]
         return self.fc_out(h)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); or both branches on x (parallel residual)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: TPRNGTracker | None = None):
         super().__init__()
+        self.parallel_residual = cfg.parallel_residual
         self.attn_norm = build_norm(cfg)
         self.attn = Attention(cfg, tp, rng)
         self.mlp_norm = build_norm(cfg)
@@ -121,6 +170,8 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel_residual:  # GPT-NeoX: the MLP reads the block input, not the attention's output
+            return x + self.dropout(self.attn(self.attn_norm(x))) + self.dropout(self.mlp(self.mlp_norm(x)))
         x = x + self.dropout(self.attn(self.attn_norm(x)))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 

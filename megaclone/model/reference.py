@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaclone.config import ModelConfig
-from megaclone.model.gpt import apply_rope, build_norm, rope_cos_sin
+from megaclone.model.gpt import apply_rope, build_norm, build_rope
 
 
 class RefAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.rope = cfg, build_rope(cfg)
         self.qkv = nn.Linear(cfg.hidden_size, cfg.num_query_groups * (cfg.heads_per_group + 2) * cfg.head_size,
-                             bias=cfg.bias)
+                             bias=cfg.has_qkv_bias)
         self.out = nn.Linear(cfg.num_heads * cfg.head_size, cfg.hidden_size, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -29,8 +29,8 @@ class RefAttention(nn.Module):
         q = qkv[:, :, :, :hpg].reshape(b, s, g * hpg, hd).transpose(1, 2)  # [batch, heads, seq, head]
         k = qkv[:, :, :, hpg].repeat_interleave(hpg, dim=2).transpose(1, 2)  # one k per query head
         v = qkv[:, :, :, hpg + 1].repeat_interleave(hpg, dim=2).transpose(1, 2)
-        if cfg.position == "rope":
-            cos, sin = rope_cos_sin(s, hd, cfg.rope_theta, x.device)
+        if self.rope is not None:
+            cos, sin = self.rope.cos_sin(s, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = cfg.attention_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -41,6 +41,7 @@ class RefMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gated = cfg.activation == "swiglu"
+        self.approximate = "none" if cfg.activation == "gelu_exact" else "tanh"
         if self.gated:
             self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=cfg.bias)  # rows [gate_u, up_u]
         else:
@@ -51,17 +52,20 @@ class RefMLP(nn.Module):
         if self.gated:
             gate, up = self.gate_up(x).unflatten(-1, (-1, 2)).unbind(-1)
             return self.fc_out(F.silu(gate) * up)
-        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+        return self.fc_out(F.gelu(self.fc_in(x), approximate=self.approximate))
 
 
 class RefBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.parallel_residual = cfg.parallel_residual
         self.attn_norm, self.attn = build_norm(cfg), RefAttention(cfg)
         self.mlp_norm, self.mlp = build_norm(cfg), RefMLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel_residual:  # GPT-NeoX: both branches read the block input
+            return x + self.dropout(self.attn(self.attn_norm(x))) + self.dropout(self.mlp(self.mlp_norm(x)))
         x = x + self.dropout(self.attn(self.attn_norm(x)))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
