@@ -1,0 +1,17 @@
+"""Pretrain a GPT with TP/PP/ZeRO on DeepSpeed, from scratch, resumed, or HyperCloned from a smaller checkpoint.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny.yaml --tp 2 --save runs/tiny/ckpt
+    torchrun --nproc_per_node 2 launch/pretrain.py --config configs/tiny.yaml --zero-stage 2
+    python launch/pretrain.py --config configs/small.yaml
+    deepspeed --num_gpus 2 launch/pretrain.py --init-from runs/tiny/ckpt --hyperclone 2 --clone-noise-db 10
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from megaclone.train.run import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

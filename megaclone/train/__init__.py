@@ -1,0 +1,15 @@
+"""Pretraining on DeepSpeed: the run plan (cli), the engine (engine, optim), the loop, checkpoints and
+launch-time HyperCloning. `launch/pretrain.py` calls `megaclone.train.run.main`.
+
+    cli            parse flags, build and validate the whole run before any work
+    dataset        token shards, tokenizer and per-DP-rank samplers
+    engine, optim  GPT or pipeline module, AdamW groups, schedule, deepspeed.initialize, fp32 masters
+    loop           train step, evaluation, logging, periodic checkpoints
+    checkpointing  save / exact resume in the megaclone checkpoint format
+    cloning        widened per-rank slices, preservation check, symmetry monitor
+"""
+
+from megaclone.train.cli import RunPlan, build_plan, parse_args
+from megaclone.train.logging import MetricsLogger, read_metrics
+
+__all__ = ["MetricsLogger", "RunPlan", "build_plan", "parse_args", "read_metrics"]

@@ -1,0 +1,175 @@
+"""Save and resume glue between the DeepSpeed engine and the megaclone checkpoint contract.
+
+A training checkpoint is DeepSpeed's own state (engine.save_checkpoint, so ZeRO partitions, the
+optimizer and the schedule resume exactly) plus per-rank fp32 safetensors weights and a manifest,
+written into a temporary directory and committed only when every rank has finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megaclone.checkpoint import (
+    CheckpointError,
+    Manifest,
+    begin_checkpoint,
+    commit_checkpoint,
+    make_manifest,
+    prune_checkpoints,
+    read_manifest,
+    resolve_checkpoint,
+    save_weight_shard,
+    storage_stage,
+    weight_file,
+    weight_file_digests,
+    write_manifest,
+)
+from megaclone.config import ModelConfig, RunConfig
+from megaclone.data import DistributedBatchSampler
+from megaclone.model import global_named_parameters
+from megaclone.parallel import Layout, TPRNGTracker
+from megaclone.spec import spec_table
+from megaclone.train.engine import fp32_masters
+
+log = logging.getLogger("megaclone.train")
+
+DEEPSPEED_TAG = "deepspeed"
+CLIENT_KEY = "megaclone"
+
+
+def layout_dict(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
+    return {"tp_size": layout.tp_size, "pp_size": layout.pp_size, "dp_size": layout.dp_size,
+            "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_path(path: Path | None) -> Path:
+    if not dist.is_initialized():
+        assert path is not None
+        return path
+    box = [str(path) if path is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def master_weights(engine: Any, module: nn.Module, cfg: ModelConfig, layout: Layout) -> dict[str, torch.Tensor]:
+    """This rank's fp32 masters (global name -> TP slice) that its weight file stores (collective over DP)."""
+    specs = spec_table(cfg)
+    params = {name: p for name, p in global_named_parameters(module, cfg).items()
+              if storage_stage(specs[name], cfg, layout.pp_size) == layout.pp_rank}
+    return fp32_masters(engine, params)
+
+
+def rng_state(tracker: TPRNGTracker) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "tp": tracker.state_dict()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], tracker: TPRNGTracker) -> None:
+    torch.set_rng_state(state["torch"])
+    tracker.load_state_dict(state["tp"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_checkpoint(root: str | Path, step: int, cfg: RunConfig, layout: Layout, engine: Any,
+                             module: nn.Module, sampler: DistributedBatchSampler, tracker: TPRNGTracker,
+                             tokenizer: Path | None, provenance: dict[str, Any]) -> Path:
+    """Write ROOT/step_XXXXXXXX on all ranks together (see the checkpoint contract); returns the step dir."""
+    tmp = _broadcast_path(begin_checkpoint(root, step) if layout.rank == 0 else None)
+    _barrier()
+    client = {CLIENT_KEY: {"step": step, "data": sampler.state_dict(), "rng": rng_state(tracker)}}
+    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, client_state=client, save_latest=False)
+    weights = master_weights(engine, module, cfg.model, layout)  # collective: every DP rank takes part
+    if layout.dp_rank == 0:
+        save_weight_shard(tmp / weight_file(layout.tp_rank, layout.pp_rank), weights)
+    _barrier()
+    final = Path(root) / tmp.name.removeprefix(".tmp-")
+    if layout.rank == 0:
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        manifest = make_manifest(
+            cfg.model, step, layout.tp_size, layout.pp_size, dp_size=layout.dp_size,
+            zero_stage=cfg.parallel.zero_stage, precision=cfg.train.precision,
+            tokenizer="tokenizer.model" if tokenizer is not None else None, data=sampler.state_dict(),
+            files=weight_file_digests(tmp, layout.tp_size, layout.pp_size), deepspeed=DEEPSPEED_TAG,
+            provenance=provenance)
+        write_manifest(tmp, manifest)
+        final = commit_checkpoint(tmp)
+        removed = prune_checkpoints(root, cfg.checkpoint.keep_last)
+        log.info(f"saved checkpoint {final}" + (f" (pruned {len(removed)})" if removed else ""))
+    _barrier()
+    return final
+
+
+TRAINING_ONLY_KEYS = ("dropout", "attention_dropout")  # model options that leave the weights' meaning unchanged
+
+
+def model_mismatch(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """`key: saved != current` for every architecture field that differs (dropout may change)."""
+    return [f"model.{k}: checkpoint {v!r} != run {getattr(current, k)!r}"
+            for k, v in vars(saved).items() if k not in TRAINING_ONLY_KEYS and getattr(current, k) != v]
+
+
+def check_resume(manifest: Manifest, path: Path, cfg: RunConfig, world_size: int) -> None:
+    """Refuse to resume a checkpoint of another model or layout (before any work is done)."""
+    diffs = model_mismatch(manifest.model, cfg.model)
+    if diffs:
+        raise CheckpointError(f"--load {path}: the checkpoint holds a different model than this run's config: "
+                              + "; ".join(diffs))
+    if manifest.deepspeed is None:
+        return  # weight-only: loaded into a fresh optimizer at any layout
+    tp, pp = cfg.parallel.tp_size, cfg.parallel.pp_size
+    want = {"tp_size": tp, "pp_size": pp, "dp_size": world_size // (tp * pp),
+            "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision}
+    diffs = [f"{k}: checkpoint {manifest.layout.get(k)!r} != run {v!r}" for k, v in want.items()
+             if manifest.layout.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"--load {path}: exact resume needs the layout the checkpoint was saved with: "
+                              + "; ".join(diffs))
+
+
+def resume_training_checkpoint(path: str | Path, engine: Any, sampler: DistributedBatchSampler,
+                               tracker: TPRNGTracker) -> int:
+    """Load DeepSpeed's state (model, optimizer, schedule) and ours (step, data position, RNG); returns the step."""
+    step_dir = resolve_checkpoint(path)
+    manifest = read_manifest(step_dir)
+    load_path, client = engine.load_checkpoint(str(step_dir), tag=manifest.deepspeed, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+    if load_path is None or not client or CLIENT_KEY not in client:
+        raise CheckpointError(f"{step_dir / str(manifest.deepspeed)}: DeepSpeed state missing or not written by "
+                              f"megaclone training")
+    state = client[CLIENT_KEY]
+    sampler.load_state_dict(state["data"])
+    set_rng_state(state["rng"], tracker)
+    # The optimizer's learning rates follow the restored schedule (not the value set at construction).
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    return int(state["step"])
+
+
+@torch.no_grad()
+def load_rank_weights(module: nn.Module, cfg: ModelConfig, layout: Layout,
+                      read: Callable[[str, tuple[slice, ...]], torch.Tensor]) -> None:
+    """Fill this rank's parameters with their TP slices from `read(name, index)` (a checkpoint or a clone)."""
+    specs = spec_table(cfg)
+    for name, param in global_named_parameters(module, cfg).items():
+        value = read(name, specs[name].tp_slices(layout.tp_rank, layout.tp_size))
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(f"parameter {name}: got shape {list(value.shape)} for this rank, the model "
+                                  f"expects {list(param.shape)}")
+        param.copy_(value)

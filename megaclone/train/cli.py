@@ -1,0 +1,200 @@
+"""Command line of launch/pretrain.py and the run plan: every check that can fail, done before any work.
+
+`build_plan` reads the config, applies flags and `--set` overrides, resolves the model (from the
+config, the checkpoint being resumed, or the widened small checkpoint), the data files and the
+tokenizer, and validates the layout against the world size. It starts no process group and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megaclone.checkpoint import Manifest, read_manifest, resolve_checkpoint
+from megaclone.config import ConfigError, RunConfig, apply_overrides, run_config_from_dict
+from megaclone.train.checkpointing import TRAINING_ONLY_KEYS, check_resume, model_mismatch
+from megaclone.train.cloning import CloneSource, has_symmetry_breaking, plan_clone
+from megaclone.train.dataset import DataPlan, plan_data, prepared_vocab_size
+
+CLONE_MODEL_KEYS = TRAINING_ONLY_KEYS  # the model options a cloned run may still set
+
+
+def _factor(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain.py", description="Megatron-style TP/PP GPT pretraining on DeepSpeed, "
+                                "optionally starting from a HyperCloned smaller checkpoint.")
+    p.add_argument("--config", help="YAML run config (configs/*.yaml); optional with --init-from or --load")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree (parallel.tp_size)")
+    p.add_argument("--pp", type=int, help="pipeline-parallel degree (parallel.pp_size)")
+    p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (parallel.zero_stage)")
+    p.add_argument("--train-iters", type=int, help="optimizer steps in total (train.train_iters)")
+    p.add_argument("--save", help="checkpoint root directory (checkpoint.save)")
+    p.add_argument("--load", help="resume exactly from this checkpoint root or step directory (checkpoint.load)")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--run-dir", help="logs, metrics.jsonl and the default corpus go here (run_dir)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set train.lr=3e-4 model.dropout=0.1")
+    g = p.add_argument_group("HyperCloning")
+    g.add_argument("--init-from", help="small checkpoint to widen (any layout)")
+    g.add_argument("--hyperclone", type=_factor(2), metavar="N", help="widen hidden size, heads and groups N times")
+    g.add_argument("--hyperclone-ffn", type=_factor(1), metavar="M", help="widen the FFN M times (default N)")
+    g.add_argument("--clone-variant", choices=("symmetric", "diagonal"), help="weight layout of the copies")
+    g.add_argument("--clone-noise-db", type=float, metavar="DB", help="zero-sum symmetry-breaking noise at this SNR")
+    g.add_argument("--clone-seed", type=int, help="seed of the clone noise")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_arg_parser().parse_args(argv)
+
+
+@dataclass
+class RunPlan:
+    cfg: RunConfig
+    world_size: int
+    data: DataPlan
+    clone: CloneSource | None = None
+    resume: Manifest | None = None  # the checkpoint given by --load
+    resume_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read_config_values(path: str | None) -> dict:
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config: config file {file} does not exist")
+    values = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{file}: expected a mapping at the top level")
+    return values
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, dict]:
+    flags = {("parallel", "tp_size"): args.tp, ("parallel", "pp_size"): args.pp,
+             ("parallel", "zero_stage"): args.zero_stage, ("train", "train_iters"): args.train_iters,
+             ("train", "seed"): args.seed, ("checkpoint", "save"): args.save, ("checkpoint", "load"): args.load,
+             ("clone", "init_from"): args.init_from, ("clone", "factor"): args.hyperclone,
+             ("clone", "ffn_factor"): args.hyperclone_ffn, ("clone", "variant"): args.clone_variant,
+             ("clone", "noise_db"): args.clone_noise_db, ("clone", "seed"): args.clone_seed}
+    out: dict[str, dict] = {}
+    for (section, key), value in flags.items():
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def _raw_values(args: argparse.Namespace) -> dict:
+    """The config file's mapping with `--set` overrides and the flags applied (flags win)."""
+    values = _read_config_values(args.config)
+    values = apply_overrides(values, list(args.set))
+    for section, entries in _flag_values(args).items():
+        node = values.setdefault(section, {}) or {}
+        if not isinstance(node, dict):
+            raise ConfigError(f"{args.config or 'config'}: '{section}' must be a mapping")
+        node.update(entries)
+        values[section] = node
+    if args.run_dir is not None:
+        values["run_dir"] = args.run_dir
+    return values
+
+
+def _plan_clone(args: argparse.Namespace, cfg: RunConfig, model_values: dict, world_size: int,
+                warnings: list[str]) -> CloneSource:
+    """The wide model replaces the config's: widen the small checkpoint's model config (dropout may be set)."""
+    if cfg.checkpoint.load:
+        raise ConfigError("--load and --init-from exclude each other: resume a cloned run with --load alone")
+    clone = plan_clone(cfg.clone, cfg.parallel, world_size)
+    set_keys = {s.split("=", 1)[0].split(".", 1)[1] for s in args.set if s.startswith("model.")}
+    refused = sorted(set_keys - set(CLONE_MODEL_KEYS))
+    if refused:
+        raise ConfigError(f"--set model.{refused[0]}: cannot be set for a cloned run (the wide model is derived "
+                          f"from {clone.path}); only {list(CLONE_MODEL_KEYS)} can")
+    if set(model_values) - set(CLONE_MODEL_KEYS):
+        warnings.append(f"{args.config}: model section ignored (except {list(CLONE_MODEL_KEYS)}): the wide model "
+                        f"is the x{clone.factors[0]} widening of {clone.path}")
+    cfg.model = dataclasses.replace(clone.wide, **{k: v for k, v in model_values.items() if k in CLONE_MODEL_KEYS})
+    if cfg.train.train_iters == 0 and not cfg.checkpoint.save:
+        raise ConfigError("--train-iters 0 writes the widened checkpoint and exits: give --save DIR")
+    if not has_symmetry_breaking(cfg.model, cfg.clone) and cfg.train.train_iters > 0:
+        warnings.append("cloned run without symmetry breaking (no --clone-noise-db, no dropout): the copies "
+                        "stay identical and the wide model trains like the small one")
+    return clone
+
+
+def _plan_resume(args: argparse.Namespace, cfg: RunConfig, model_values: dict,
+                 file_has_model: bool) -> tuple[Path, Manifest]:
+    """The checkpoint to resume; without a model section in --config its model is the run's."""
+    path = resolve_checkpoint(cfg.checkpoint.load)
+    manifest = read_manifest(path)
+    if not file_has_model:  # the checkpoint's model, with any --set model.* on top
+        cfg.model = dataclasses.replace(manifest.model, **model_values)
+    elif cfg.model.vocab_size == 0:  # compare the rest now; the vocabulary is the checkpoint's tokenizer's
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=manifest.model.vocab_size)
+    diffs = model_mismatch(manifest.model, cfg.model)
+    if diffs:
+        raise ConfigError(f"--load {path}: the checkpoint holds a different model than "
+                          f"{args.config or 'this run'}: " + "; ".join(diffs))
+    return path, manifest
+
+
+def _plan_data(cfg: RunConfig, data_values: dict, tokenizer: Path | None, from_checkpoint: bool,
+               warnings: list[str]) -> DataPlan:
+    """Shards and tokenizer; fixes the vocabulary (from the tokenizer when model.vocab_size is 0)."""
+    if from_checkpoint and "seq_len" not in data_values and cfg.data.seq_len > cfg.model.max_seq_len:
+        cfg.data.seq_len = cfg.model.max_seq_len  # the default would not fit the checkpoint's model
+    if tokenizer is not None and cfg.data.tokenizer:
+        warnings.append(f"data.tokenizer={cfg.data.tokenizer} ignored: using the checkpoint's {tokenizer}")
+    if cfg.model.vocab_size and "vocab_size" not in data_values:
+        cfg.data.vocab_size = cfg.model.vocab_size  # a tokenizer trained on the fly fits the given model
+    data = plan_data(cfg, tokenizer)
+    vocab = prepared_vocab_size(cfg, data)
+    if cfg.model.vocab_size == 0:
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab)
+    elif cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"{vocab} ({data.tokenizer_path})")
+    return data
+
+
+def build_plan(args: argparse.Namespace, world_size: int) -> RunPlan:
+    """Resolve and validate the whole run; raises ValueError / FileNotFoundError naming the key or file."""
+    file_has_model = bool(_read_config_values(args.config).get("model"))
+    values = _raw_values(args)
+    clone_values = values.get("clone") or {}
+    cloning = bool(clone_values.get("factor") or clone_values.get("init_from"))
+    model_values = dict(values.pop("model", None) or {}) if cloning else dict(values.get("model") or {})
+    cfg = run_config_from_dict(values, args.config or "config")
+    cfg.clone.validate()
+    if cfg.clone.init_from and not cfg.clone.factor:
+        raise ConfigError("--init-from needs --hyperclone N (the factor to widen the small checkpoint by)")
+    warnings: list[str] = []
+    clone = _plan_clone(args, cfg, model_values, world_size, warnings) if cloning else None
+    resume_path, resume = _plan_resume(args, cfg, model_values, file_has_model) if cfg.checkpoint.load \
+        else (None, None)
+    tokenizer = clone.tokenizer if clone is not None else None
+    if resume is not None and resume.tokenizer:
+        tokenizer = resume_path / resume.tokenizer
+    data = _plan_data(cfg, values.get("data") or {}, tokenizer, clone is not None or resume is not None, warnings)
+    cfg.validate(world_size)
+    if resume is not None:
+        check_resume(resume, resume_path, cfg, world_size)
+    return RunPlan(cfg, world_size, data, clone, resume, resume_path, warnings)

@@ -1,0 +1,172 @@
+"""HyperCloning at launch: each rank builds only its own widened slice, the engine starts from it, and the
+run checks function preservation before training and watches the copies drift apart while it trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megaclone.checkpoint import Manifest, ShardReader, load_model, resolve_checkpoint
+from megaclone.clone import build_clone_shard, clone_factors, copy_similarity, widen_model_config
+from megaclone.config import CloneConfig, ModelConfig, ParallelConfig
+from megaclone.model import global_named_parameters
+from megaclone.parallel import Layout, gather_from_tp_region
+from megaclone.spec import spec_table
+from megaclone.train.engine import fp32_masters, is_pipeline, set_fp32_masters
+
+log = logging.getLogger("megaclone.train")
+
+PRESERVATION_TOLERANCE = 1e-4  # max |wide - small| / max |small| logits, fp32
+MONITOR_ROLES = ("qkv", "mlp_in", "mlp_gate_up")
+
+
+@dataclass
+class CloneSource:
+    path: Path  # the small checkpoint's step directory
+    manifest: Manifest
+    wide: ModelConfig
+    clone: CloneConfig
+
+    @property
+    def tokenizer(self) -> Path | None:
+        return self.path / self.manifest.tokenizer if self.manifest.tokenizer else None
+
+    @property
+    def factors(self) -> tuple[int, int]:
+        return clone_factors(self.clone)
+
+    def provenance(self) -> dict[str, Any]:
+        n, m = self.factors
+        return {"hyperclone": {
+            "source": str(self.path.resolve()), "source_step": self.manifest.step,
+            "source_layout": dict(self.manifest.layout), "source_model": dataclasses.asdict(self.manifest.model),
+            "factor": n, "ffn_factor": m, "variant": self.clone.variant, "noise_db": self.clone.noise_db,
+            "seed": self.clone.seed}}
+
+
+def plan_clone(clone: CloneConfig, parallel: ParallelConfig, world_size: int) -> CloneSource:
+    """Validate everything a cloned launch needs before any work: factors, the source checkpoint (manifest,
+    checksums of its weight files) and the target layout for the widened model."""
+    n, m = clone_factors(clone)
+    path = resolve_checkpoint(clone.init_from)
+    with ShardReader(path) as reader:
+        reader.verify()  # a corrupted or truncated source fails here, with nothing written
+        manifest = reader.manifest
+    wide = widen_model_config(manifest.model, n, m)
+    try:
+        parallel.validate(wide, world_size)
+    except ValueError as e:
+        raise type(e)(f"after widening {path} x{n} (ffn x{m}): {e}") from e
+    return CloneSource(path, manifest, wide, clone)
+
+
+def build_rank_clone(source: CloneSource, layout: Layout) -> dict[str, torch.Tensor]:
+    """This rank's widened fp32 slices (global name -> TP slice), read from the small slices it needs only."""
+    with ShardReader(source.path) as reader:
+        return build_clone_shard(reader.read, source.manifest.model, source.clone, layout.tp_rank, layout.tp_size,
+                                 layout.pp_rank, layout.pp_size)
+
+
+def inject_fp32_masters(engine: Any, module: nn.Module, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Make the engine's fp32 masters exactly the widened fp32 weights (bf16 training), and check it."""
+    params = global_named_parameters(module, cfg)
+    set_fp32_masters(engine, params, tensors)
+    masters = fp32_masters(engine, params)  # collective: every rank checks every one of its parameters
+    mismatched = [name for name in params if not torch.equal(masters[name], tensors[name].cpu())]
+    if mismatched:
+        raise RuntimeError(f"fp32 masters differ from the widened weights after injection: {mismatched[:5]}")
+
+
+@torch.no_grad()
+def wide_logits(engine: Any, layout: Layout, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    """Full logits [b, s, vocab] of the engine's model on one batch (None on ranks that do not hold them)."""
+    if is_pipeline(engine):
+        _, local = engine.eval_batch(iter([(tokens, labels)]), return_logits=True, num_micro_batches=1)
+        if not layout.is_last_stage:
+            return None
+        return gather_from_tp_region(local.float(), layout.tp)  # [b, s, padded vocab]
+    engine.eval()
+    logits = engine(tokens).float()
+    engine.train()
+    return logits
+
+
+def check_preservation(engine: Any, layout: Layout, source: CloneSource, batch: tuple[torch.Tensor, torch.Tensor],
+                       precision: str) -> dict[str, float]:
+    """The wide model (as the engine holds it) against the small checkpoint on one held-out batch.
+
+    One rank (last stage, TP and DP rank 0) loads the small model (it is small) and compares; every rank
+    gets the numbers and raises when the relative logit error exceeds PRESERVATION_TOLERANCE in fp32.
+    """
+    tokens, labels = batch
+    wide = wide_logits(engine, layout, tokens, labels)  # collective: every rank takes part
+    holder = layout.global_rank(0, layout.pp_size - 1, 0)
+    stats = torch.zeros(4, dtype=torch.float64)  # rel error, max abs diff, wide loss, small loss
+    if layout.rank == holder:
+        wide = wide[..., : source.wide.vocab_size].cpu()
+        small_model, _ = load_model(source.path, verify=False)
+        small = small_model(tokens.cpu()).float()
+        diff = (wide - small).abs().max().item()
+        stats[0] = diff / max(small.abs().max().item(), 1e-30)
+        stats[1] = diff
+        stats[2] = F.cross_entropy(wide.flatten(0, 1), labels.cpu().flatten()).item()
+        stats[3] = F.cross_entropy(small.flatten(0, 1), labels.cpu().flatten()).item()
+    if dist.is_initialized() and layout.world_size > 1:
+        stats = stats.cuda() if dist.get_backend() == "nccl" else stats
+        dist.broadcast(stats, src=holder)
+        stats = stats.cpu()
+    result = {"preservation_rel_error": float(stats[0]), "preservation_max_abs_diff": float(stats[1]),
+              "wide_loss": float(stats[2]), "small_loss": float(stats[3])}
+    if precision == "fp32" and not result["preservation_rel_error"] <= PRESERVATION_TOLERANCE:
+        raise RuntimeError(
+            f"HyperCloning did not preserve the function of {source.path}: max |logit difference| / max |logit| = "
+            f"{result['preservation_rel_error']:.3e} > {PRESERVATION_TOLERANCE:g} (wide loss "
+            f"{result['wide_loss']:.6f}, small loss {result['small_loss']:.6f})")
+    return result
+
+
+def symmetry_monitor(engine: Any, module: nn.Module, layout: Layout,
+                     source: CloneSource) -> Callable[[], dict[str, float]]:
+    """A callable giving the mean (and min) copy similarity of every block's qkv and MLP-in weight.
+
+    Reads fp32 masters, so under ZeRO every DP rank must call it (they do: it runs at evaluation).
+    """
+    cfg = source.wide
+    n, m = source.factors
+    specs = spec_table(cfg)
+    watched = {name: p for name, p in global_named_parameters(module, cfg).items()
+               if specs[name].role in MONITOR_ROLES and not specs[name].is_bias}
+
+    def monitor() -> dict[str, float]:
+        sims = []
+        for name, value in fp32_masters(engine, watched).items():
+            sim = copy_similarity(value, specs[name], n, m, layout.tp_rank, layout.tp_size)
+            if not math.isnan(sim):
+                sims.append(sim)
+        device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+        total = torch.tensor([sum(sims), float(len(sims))], dtype=torch.float64, device=device)
+        low = torch.tensor([min(sims, default=math.inf)], dtype=torch.float64, device=device)
+        if layout.world_size > 1:  # blocks and TP slices are spread over TP x PP; DP replicas agree
+            dist.all_reduce(total, group=layout.model_group)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=layout.model_group)
+        if total[1] == 0:
+            return {}
+        return {"clone_similarity": float(total[0] / total[1]), "clone_similarity_min": float(low[0])}
+
+    return monitor
+
+
+def has_symmetry_breaking(cfg: ModelConfig, clone: CloneConfig) -> bool:
+    return clone.noise_db is not None or cfg.dropout > 0 or cfg.attention_dropout > 0
+

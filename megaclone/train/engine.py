@@ -1,0 +1,148 @@
+"""The model and its DeepSpeed engine: `GPT` for PP=1, the `PipelineModule` for PP>1.
+
+Parallelism is applied from outside the model: the layout decides which module is built, the spec
+table initialises it, and DeepSpeed wraps it with ZeRO, clipping, accumulation and the schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from megaclone.config import RunConfig
+from megaclone.model import GPT, build_pipeline_module, global_named_parameters, init_params
+from megaclone.parallel import Layout, TPRNGTracker
+from megaclone.train.optim import build_lr_scheduler, build_optimizer
+
+log = logging.getLogger("megaclone.train")
+
+
+def build_deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
+    """DeepSpeed's JSON config from our dataclasses (no presets to keep in sync)."""
+    train = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * layout.dp_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO
+        "steps_per_print": 10**12,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+        "checkpoint": {"use_node_local_storage": cfg.parallel.node_local_checkpoints},
+    }
+
+
+def device_for(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_model(cfg: RunConfig, layout: Layout, rng: TPRNGTracker, init: bool = True) -> nn.Module:
+    """This rank's part of the model (whole GPT or one pipeline stage) in fp32, initialised from the spec
+    table (layout-invariant), or left for the caller to fill (`init=False`: a checkpoint or a clone)."""
+    model_cfg = cfg.model
+    module = GPT(model_cfg, layout.tp, rng) if layout.pp_size == 1 else build_pipeline_module(model_cfg, layout, rng)
+    if init:
+        init_params(global_named_parameters(module, model_cfg), model_cfg, cfg.train.seed, layout.tp_rank,
+                    layout.tp_size)
+    return module
+
+
+def build_engine(cfg: RunConfig, layout: Layout, module: nn.Module, device: torch.device) -> Any:
+    """`deepspeed.initialize` with our AdamW groups and schedule; returns the engine.
+
+    PP=1 passes the layout as DeepSpeed's `mpu` (data-parallel groups, TP-aware clipping); the
+    pipeline module carries its own topology.
+    """
+    import deepspeed
+
+    module.to(device)
+    params = global_named_parameters(module, cfg.model)
+    optimizer = build_optimizer(params, cfg.model, cfg.train)
+    scheduler: Callable = build_lr_scheduler(cfg.train)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout),
+        mpu=layout if layout.pp_size == 1 else None)
+    return engine
+
+
+def is_pipeline(engine: Any) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def current_lr(engine: Any) -> float:
+    return float(engine.lr_scheduler.get_last_lr()[0])
+
+
+def _flat_master_views(optimizer: Any) -> dict[int, torch.Tensor]:
+    """id(param) -> its fp32 master under DeepSpeed's FP16 optimizers (what bf16 with ZeRO-0 uses): the fused
+    one keeps a flat fp32 copy per group in parameter order, the unfused one a list per group. Empty for
+    every other optimizer (ZeRO and the bf16 optimizer link their masters to the parameters instead)."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    views = {}
+    if isinstance(optimizer, FP16_Optimizer):
+        for group, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
+            offset = 0
+            for p in group:
+                views[id(p)] = flat.data[offset: offset + p.numel()].view_as(p)
+                offset += p.numel()
+    elif isinstance(optimizer, FP16_UnfusedOptimizer):
+        for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            views.update({id(p): master.data for p, master in zip(group, masters)})
+    return views
+
+
+def fp32_masters(engine: Any, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """CPU copies of the fp32 master weights of `params` (TP-local).
+
+    Collective over the DP group under ZeRO or bf16: every rank of the group must call it with the same
+    parameters in the same order.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    views = _flat_master_views(getattr(engine, "optimizer", None))
+    out = {}
+    for name, param in params.items():
+        value = views.get(id(param))
+        if value is None:
+            value = safe_get_full_fp32_param(param)
+        out[name] = (param.detach() if value is None else value).float().cpu().clone()
+    return out
+
+
+@torch.no_grad()
+def set_fp32_masters(engine: Any, params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    """Overwrite the fp32 masters of `params` with exact fp32 values and refresh the bf16 working copies.
+
+    DeepSpeed casts the module to bf16 before it creates its masters, so fp32 values loaded before
+    `initialize` would be rounded (DESIGN.md section 4).
+    """
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    views = _flat_master_views(engine.optimizer)
+    for name, param in params.items():
+        value = values[name].to(param.device)
+        if id(param) in views:  # FP16_Optimizer: master view, and the working copy directly
+            views[id(param)].copy_(value)
+            param.data.copy_(value.to(param.dtype))
+        else:
+            safe_set_full_fp32_param(param, value)
+    if views:
+        return
+    if hasattr(engine.optimizer, "update_lp_params"):  # ZeRO-1/2 and the bf16 optimizer
+        engine.optimizer.update_lp_params()
+    elif any(hasattr(p, "ds_id") for p in params.values()):  # ZeRO-3: refresh the partitioned bf16 copies
+        for name, param in params.items():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.data.copy_(values[name].to(param.device, param.dtype))

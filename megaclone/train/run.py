@@ -1,0 +1,167 @@
+"""One training run end to end: plan (all checks), process groups, data, model, engine, train, save.
+
+`main` is what launch/pretrain.py calls; it works under `deepspeed`, `torchrun` and as a plain
+single process. User mistakes found while planning exit with status 2 before any process group or
+file exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from megaclone.checkpoint import ShardReader
+from megaclone.data import DistributedBatchSampler
+from megaclone.parallel import Layout, TPRNGTracker, build_layout
+from megaclone.train.checkpointing import (
+    layout_dict,
+    load_rank_weights,
+    resume_training_checkpoint,
+    save_training_checkpoint,
+)
+from megaclone.train.cli import RunPlan, build_plan, parse_args
+from megaclone.train.cloning import build_rank_clone, check_preservation, inject_fp32_masters, symmetry_monitor
+from megaclone.train.dataset import eval_batches, open_data, prepare_data_on_rank0
+from megaclone.train.engine import build_engine, build_model, device_for
+from megaclone.train.logging import MetricsLogger, setup_console_logging
+from megaclone.train.loop import TrainContext, run_eval, train
+
+log = logging.getLogger("megaclone.train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Process groups for deepspeed/torchrun launches (env already set) or a plain single process."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python launch/pretrain.py`
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the local ranks
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+def _seed(seed: int, layout: Layout, device: torch.device) -> TPRNGTracker:
+    """Default generator: same on every TP and DP rank (replicated dropout), per stage (Megatron's +100 pp);
+    the tracker: per TP rank, for dropout inside TP-split regions."""
+    torch.manual_seed(seed + 100 * layout.pp_rank)
+    return TPRNGTracker(seed, layout.tp_rank, device)
+
+
+def _provenance(plan: RunPlan) -> dict[str, Any]:
+    if plan.clone is not None:
+        return plan.clone.provenance()
+    if plan.resume is not None:
+        return {**plan.resume.provenance, "resumed_from": str(plan.resume_path)}
+    return {"init": "random", "seed": plan.cfg.train.seed}
+
+
+def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, device: torch.device,
+                     sampler: DistributedBatchSampler) -> tuple[Any, nn.Module, int]:
+    """The engine at its starting point: spec-table init, a widened clone, a weight-only checkpoint, or an exact
+    resume of a training checkpoint. Returns (engine, module, the step training continues after)."""
+    cfg = plan.cfg
+    weight_only = plan.resume is not None and plan.resume.deepspeed is None
+    module = build_model(cfg, layout, tracker, init=plan.clone is None and not weight_only)
+    clone_tensors = None
+    if plan.clone is not None:  # only this rank's slice, from the small slices it copies
+        clone_tensors = build_rank_clone(plan.clone, layout)
+        load_rank_weights(module, cfg.model, layout, lambda name, _: clone_tensors[name])
+    elif weight_only:
+        with ShardReader(plan.resume_path) as reader:
+            load_rank_weights(module, cfg.model, layout, reader.read)
+    engine = build_engine(cfg, layout, module, device)
+    if clone_tensors is not None and cfg.train.precision != "fp32":
+        inject_fp32_masters(engine, module, cfg.model, clone_tensors)
+    if plan.resume is None or weight_only:
+        return engine, module, 0
+    step = resume_training_checkpoint(plan.resume_path, engine, sampler, tracker)
+    log.info(f"resumed from {plan.resume_path} at step {step}")
+    return engine, module, step
+
+
+def run(plan: RunPlan) -> float | None:
+    """Train on an initialised default process group; returns the final evaluation loss."""
+    cfg = plan.cfg
+    layout = build_layout(cfg.parallel)
+    setup_console_logging(layout.rank)
+    log.info("config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    log.info(f"layout: {layout.describe()}, ZeRO-{cfg.parallel.zero_stage}, {cfg.train.precision}")
+    for warning in plan.warnings if layout.rank == 0 else []:
+        log.warning(warning)
+    device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
+    tracker = _seed(cfg.train.seed, layout, device)
+
+    prepare_data_on_rank0(cfg, plan.data, layout.rank)
+    data = open_data(cfg, plan.data, layout)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {data.tokenizer.path} has {data.tokenizer.vocab_size} pieces, more than "
+                         f"model.vocab_size={cfg.model.vocab_size}")
+    engine, module, start_step = build_engine_for(plan, layout, tracker, device, data.sampler)
+
+    logger = MetricsLogger(cfg.run_dir, layout.rank == 0, cfg.train.train_iters, start_step)
+    logger.event("start", start_step, config=cfg.to_dict(), layout=layout_dict(cfg, layout),
+                 world_size=layout.world_size, num_params=cfg.model.num_params())
+    eval_set = [(t.to(device), y.to(device)) for t, y in eval_batches(
+        data.valid, cfg.train.micro_batch_size, cfg.train.eval_iters, layout.dp_rank, layout.dp_size, cfg.train.seed)]
+    save = None
+    if cfg.checkpoint.save:
+        provenance = _provenance(plan)
+
+        def save(step: int) -> None:
+            save_training_checkpoint(cfg.checkpoint.save, step, cfg, layout, engine, module, data.sampler, tracker,
+                                     data.tokenizer.path, provenance)
+
+    batches = ((t.to(device), y.to(device)) for t, y in data.batches())
+    ctx = TrainContext(cfg, layout, engine, batches, eval_set, logger, start_step, save)
+    try:
+        if plan.clone is not None:  # function preservation, then the baseline the cloned run starts from
+            stats = check_preservation(engine, layout, plan.clone, eval_set[0], cfg.train.precision)
+            logger.event("clone", start_step, **stats, **plan.clone.provenance()["hyperclone"])
+            logger.info("hyperclone: " + " ".join(f"{k}={v:.6g}" for k, v in stats.items()))
+            ctx.monitors.append(symmetry_monitor(engine, module, layout, plan.clone))
+            run_eval(ctx, start_step)
+        final = train(ctx)
+        if save is not None and start_step == cfg.train.train_iters == 0:  # e.g. a widened checkpoint at step 0
+            save(0)
+        logger.event("end", cfg.train.train_iters, final_eval_loss=final)
+    finally:
+        logger.close()
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        plan = build_plan(args, world_size)
+    except (ValueError, FileNotFoundError) as e:  # the user's mistake: say it, do nothing
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pretrain.py: error: {e}", file=sys.stderr)
+        return 2
+    init_distributed()
+    try:
+        run(plan)
+    finally:
+        dist.destroy_process_group()
+    return 0
+

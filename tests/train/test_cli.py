@@ -1,0 +1,184 @@
+"""Bad launches fail before any work: the plan names the key or file and the constraint, and nothing is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megaclone.checkpoint import write_weights_checkpoint
+from megaclone.config import ModelConfig
+from megaclone.model import ReferenceGPT, init_params
+from megaclone.train.cli import build_plan, parse_args
+from megaclone.train.run import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def plan(argv: list[str], world_size: int = 1):
+    return build_plan(parse_args(argv), world_size)
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weight-only checkpoint of the tiny model (random weights): enough for every planning check."""
+    cfg = ModelConfig(vocab_size=512, vocab_multiple=64, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=64)
+    model = ReferenceGPT(cfg)
+    init_params(dict(model.named_parameters()), cfg, seed=0)
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    root = tmp_path_factory.mktemp("small_ckpt")
+    return write_weights_checkpoint(root, cfg, state, tp_size=2, pp_size=1)
+
+
+def test_good_plan_resolves_vocab_and_layout(tmp_path: Path) -> None:
+    p = plan(["--config", TINY, "--tp", "2", "--run-dir", str(tmp_path / "run")], world_size=4)
+    assert p.cfg.model.vocab_size == 512  # data.vocab_size: the tokenizer is trained on the fly
+    assert (p.cfg.parallel.tp_size, p.cfg.model.padded_vocab_size) == (2, 512)
+    assert p.data.build and p.data.prefix == tmp_path / "run" / "data" / "corpus"
+    assert not (tmp_path / "run").exists()  # planning writes nothing
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--tp", "3"], 3, r"model.num_query_groups=4 \(num_heads=4\) must be divisible by parallel.tp_size=3"),
+    (["--tp", "2", "--set", "model.vocab_multiple=513"], 2,
+     r"padded vocabulary 513 \(model.vocab_multiple=513\) must be divisible by parallel.tp_size=2"),
+    (["--pp", "2", "--zero-stage", "3"], 2, r"parallel.zero_stage=3 cannot be combined with parallel.pp_size=2"),
+    (["--set", "train.lrr=1"], 1, r"unknown key\(s\) \['lrr'\]"),
+    (["--set", "optimizer.lr=1"], 1, r"unknown top-level key\(s\) \['optimizer'\]"),
+    (["--tp", "2"], 3, r"world size 3 is not divisible by parallel.tp_size x parallel.pp_size = 2 x 1"),
+    (["--set", "data.seq_len=128"], 1, r"data.seq_len=128 exceeds model.max_seq_len=64"),
+    (["--set", "model.vocab_size=100"], 1, r"model.vocab_size=100 is smaller than the tokenizer's vocabulary 512"),
+])
+def test_bad_config_names_key(argv: list[str], world: int, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan(["--config", TINY, "--run-dir", str(tmp_path / "run"), *argv], world_size=world)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  hidden_size: 64\n  num_layer: 2\n")
+    with pytest.raises(ValueError, match=rf"{config}: model: unknown key\(s\) \['num_layer'\]"):
+        plan(["--config", str(config)])
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"config file .*nope.yaml does not exist"):
+        plan(["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(FileNotFoundError, match=rf"token shard file {tmp_path}/shards_train.bin does not exist"):
+        plan(["--config", TINY, "--set", f"data.data_prefix={tmp_path}/shards"])
+    with pytest.raises(FileNotFoundError, match=r"tokenizer model .*missing.model does not exist"):
+        plan(["--config", TINY, "--set", f"data.tokenizer={tmp_path}/missing.model"])
+
+
+def test_load_of_another_model_fails_before_work(small_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"different model .*model.hidden_size: checkpoint 64 != run 32"):
+        plan(["--config", TINY, "--load", str(small_ckpt.parent), "--set", "model.hidden_size=32"])
+    with pytest.raises(ValueError, match=r"not a megaclone checkpoint \(no manifest.json"):
+        plan(["--config", TINY, "--load", str(tmp_path)])
+
+
+def test_resume_needs_the_saved_layout(small_ckpt: Path, tmp_path: Path) -> None:
+    ckpt = _copy_checkpoint(small_ckpt, tmp_path / "ds" / small_ckpt.name)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["deepspeed"] = "deepspeed"  # as if written by training at TP=2, ZeRO-1
+    manifest["layout"].update(tp_size=2, zero_stage=1)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"exact resume needs the layout .*tp_size: checkpoint 2 != run 1"):
+        plan(["--load", str(ckpt)], world_size=2)
+    assert plan(["--load", str(ckpt), "--tp", "2"], world_size=2).resume.deepspeed == "deepspeed"
+
+
+def test_load_without_config_takes_the_checkpoint_model(small_ckpt: Path, tmp_path: Path) -> None:
+    p = plan(["--load", str(small_ckpt.parent), "--run-dir", str(tmp_path / "run")])
+    assert p.cfg.model.hidden_size == 64 and p.cfg.data.seq_len == 64  # seq_len clamped to the model's
+    assert p.data.tokenizer is None and p.resume is not None and p.resume.deepspeed is None
+    p = plan(["--load", str(small_ckpt.parent), "--set", "model.dropout=0.2"])  # training-time options may change
+    assert (p.cfg.model.hidden_size, p.cfg.model.dropout) == (64, 0.2)
+    with pytest.raises(ValueError, match=r"model.num_layers: checkpoint 2 != run 3"):
+        plan(["--load", str(small_ckpt.parent), "--set", "model.num_layers=3"])
+
+
+def test_main_reports_error_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir, save = tmp_path / "run", tmp_path / "ckpt"
+    code = main(["--config", TINY, "--pp", "2", "--zero-stage", "2", "--run-dir", str(run_dir), "--save", str(save)])
+    assert code == 2
+    assert "pretrain.py: error: parallel.zero_stage=2 cannot be combined" in capsys.readouterr().err
+    assert not run_dir.exists() and not save.exists()
+
+
+# --- cloning at launch -----------------------------------------------------------------------------------------
+
+
+def test_clone_plan_widens_source(small_ckpt: Path, tmp_path: Path) -> None:
+    p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--hyperclone-ffn", "3", "--tp", "4",
+              "--clone-noise-db", "10", "--run-dir", str(tmp_path / "run")], world_size=4)
+    wide = p.cfg.model
+    assert (wide.hidden_size, wide.num_heads, wide.num_query_groups, wide.head_size, wide.ffn_size) == \
+        (128, 8, 8, 16, 768)
+    assert p.clone.provenance()["hyperclone"]["factor"] == 2 and p.cfg.data.seq_len == 64
+    assert not p.warnings  # noise breaks the symmetry
+
+
+def test_clone_without_symmetry_breaking_warns(small_ckpt: Path) -> None:
+    p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2"])
+    assert any("without symmetry breaking" in w for w in p.warnings)
+    p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--set", "model.dropout=0.1"])
+    assert p.cfg.model.dropout == 0.1 and not p.warnings
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hyperclone", "2"], r"clone.factor \(--hyperclone\) needs clone.init_from \(--init-from\)"),
+    (["--init-from", "{ckpt}"], r"--init-from needs --hyperclone"),
+    (["--init-from", "{ckpt}", "--hyperclone", "2", "--set", "model.hidden_size=32"],
+     r"--set model.hidden_size: cannot be set for a cloned run"),
+    (["--init-from", "{ckpt}", "--hyperclone", "2", "--train-iters", "0"], r"--train-iters 0 .* give --save"),
+    (["--init-from", "{ckpt}", "--hyperclone", "2", "--load", "{ckpt}"], r"--load and --init-from exclude"),
+])
+def test_bad_clone_flags(argv: list[str], message: str, small_ckpt: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan([a.format(ckpt=small_ckpt) for a in argv])
+
+
+@pytest.mark.parametrize("factor, shown", [("1", "1"), ("1.5", "'1.5'"), ("two", "'two'"), ("-2", "-2")])
+def test_clone_factor_must_be_integer_at_least_2(factor: str, shown: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--init-from", "x", f"--hyperclone={factor}"])
+    assert exit_info.value.code == 2
+    assert f"argument --hyperclone: expected an integer >= 2, got {shown}" in capsys.readouterr().err
+
+
+def test_clone_groups_not_divisible_by_target_tp(small_ckpt: Path) -> None:
+    with pytest.raises(ValueError, match=r"after widening .* x2 .*num_query_groups=8 .*parallel.tp_size=3"):
+        plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--tp", "3"], world_size=3)
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_clone_sources_write_nothing(small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    not_ckpt = tmp_path / "empty"
+    not_ckpt.mkdir()
+    unknown = _copy_checkpoint(small_ckpt, tmp_path / "v99" / small_ckpt.name)
+    manifest = json.loads((unknown / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (unknown / "manifest.json").write_text(json.dumps(manifest))
+    corrupt = _copy_checkpoint(small_ckpt, tmp_path / "corrupt" / small_ckpt.name)
+    shard = corrupt / "weights" / "tp01-pp00.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-8:] = b"\x7f" * 8  # same size, different tensor bytes
+    shard.write_bytes(bytes(data))
+    cases = [(not_ckpt, "not a megaclone checkpoint"), (tmp_path / "missing", "does not exist"),
+             (unknown, "unknown format_version 99"), (corrupt, f"checksum mismatch for {shard}")]
+    for source, message in cases:
+        run_dir, save = tmp_path / "run", tmp_path / "save"
+        code = main(["--init-from", str(source), "--hyperclone", "2", "--run-dir", str(run_dir), "--save", str(save)])
+        assert code == 2, source
+        assert message in capsys.readouterr().err
+        assert not run_dir.exists() and not save.exists()
