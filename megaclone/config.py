@@ -241,6 +241,8 @@ class CloneConfig:
     variant: str = "symmetric"  # symmetric | diagonal
     noise_db: float | None = None  # zero-sum noise at this SNR; None: no noise
     seed: int = 0
+    optimizer: str = "fresh"  # fresh: new optimizer at step 0 (the paper's recipe) | carry: resume the small run's
+    lr_transition: int | None = None  # carry: steps from the exact-continuation values to the run's; None: never
 
     def validate(self) -> None:
         if self.factor and not self.init_from:
@@ -253,6 +255,12 @@ class CloneConfig:
             raise ConfigError(f"clone.ffn_factor (--hyperclone-ffn) = {self.ffn_factor}: expected an integer >= 1")
         if self.variant not in ("symmetric", "diagonal"):
             raise ConfigError(f"clone.variant={self.variant!r}: expected 'symmetric' or 'diagonal'")
+        if self.optimizer not in ("fresh", "carry"):
+            raise ConfigError(f"clone.optimizer (--hyperclone-optimizer) = {self.optimizer!r}: expected 'fresh' or "
+                              "'carry'")
+        if self.lr_transition is not None and (self.optimizer != "carry" or self.lr_transition < 0):
+            raise ConfigError(f"clone.lr_transition (--hyperclone-lr-transition) = {self.lr_transition}: needs "
+                              f"clone.optimizer='carry' (got {self.optimizer!r}) and a number of steps >= 0")
 
 
 @dataclass

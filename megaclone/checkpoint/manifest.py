@@ -130,6 +130,7 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> {sha256, bytes}
     deepspeed: str | None = None  # subdirectory holding DeepSpeed's own checkpoint
     provenance: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None  # Adam state files: {step, scheduler, files} (see checkpoint.optim_state)
 
     @property
     def tp_size(self) -> int:
@@ -143,7 +144,8 @@ class Manifest:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": self.step,
                 "model": dataclasses.asdict(self.model), "layout": dict(self.layout), "tokenizer": self.tokenizer,
                 "data": dict(self.data), "params": [p.to_dict() for p in self.params], "files": dict(self.files),
-                "deepspeed": self.deepspeed, "provenance": dict(self.provenance)}
+                "deepspeed": self.deepspeed, "provenance": dict(self.provenance),
+                **({"optimizer": dict(self.optimizer)} if self.optimizer is not None else {})}
 
     @staticmethod
     def from_dict(d: Any, where: str = MANIFEST_NAME) -> Manifest:
@@ -182,9 +184,15 @@ class Manifest:
             if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
                     or not isinstance(entry.get("bytes"), int):
                 raise CheckpointError(f"{where}: files[{rel!r}] must be {{'sha256': hex, 'bytes': int}}, got {entry!r}")
+        optimizer = d.get("optimizer")
+        if optimizer is not None:
+            from megaclone.checkpoint.optim_state import check_optimizer_record
+
+            check_optimizer_record(optimizer, where)
         return Manifest(step=d["step"], model=model, layout=dict(layout), params=params,
                         tokenizer=d.get("tokenizer"), data=dict(d.get("data") or {}), files=dict(files),
-                        deepspeed=d.get("deepspeed"), provenance=dict(d.get("provenance") or {}))
+                        deepspeed=d.get("deepspeed"), provenance=dict(d.get("provenance") or {}),
+                        optimizer=dict(optimizer) if optimizer is not None else None)
 
 
 def make_manifest(cfg: ModelConfig, step: int, tp_size: int, pp_size: int, *, dp_size: int = 1,

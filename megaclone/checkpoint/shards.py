@@ -130,6 +130,7 @@ class ShardReader:
         self.specs: dict[str, ParamSpec] = {s.name: s for s in self.manifest.params}
         self.tp_size, self.pp_size = self.manifest.tp_size, self.manifest.pp_size
         self.accesses: list[tuple[str, str, list[tuple[int, int]]]] = []
+        self.files: dict[str, dict[str, Any]] = self.manifest.files  # digests of the files this reader reads
         self._handles: dict[str, Any] = {}
         self._keys: dict[str, set[str]] = {}
 
@@ -144,6 +145,10 @@ class ShardReader:
         self._handles.clear()
         self._keys.clear()
 
+    def file_for(self, tp_rank: int, pp_rank: int) -> str:
+        """The file (relative to the step directory) holding a rank's tensors; subclasses read other files."""
+        return weight_file(tp_rank, pp_rank)
+
     def _open(self, rel: str) -> Any:
         handle = self._handles.get(rel)
         if handle is not None:
@@ -152,7 +157,7 @@ class ShardReader:
         if not full.is_file():
             raise CheckpointError(f"missing shard file {full} (the manifest's layout tp={self.tp_size}, "
                                   f"pp={self.pp_size} needs it)")
-        entry = self.manifest.files.get(rel)
+        entry = self.files.get(rel)
         if entry is not None and full.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"shard file {full} is {full.stat().st_size} bytes, the manifest expects "
                                   f"{entry['bytes']} (truncated or replaced)")
@@ -197,7 +202,7 @@ class ShardReader:
         stage = storage_stage(spec, self.config, self.pp_size)
         ax = spec.tp_axis
         if ax is None:  # replicated: every TP file holds it, read the first
-            return self._read_part(spec, weight_file(0, stage), ranges)
+            return self._read_part(spec, self.file_for(0, stage), ranges)
         start, stop = ranges[ax]
         per = spec.tp_shape(self.tp_size)[ax]
         parts = []
@@ -205,7 +210,7 @@ class ShardReader:
             lo = tp * per
             local = list(ranges)
             local[ax] = (max(start, lo) - lo, min(stop, lo + per) - lo)
-            parts.append(self._read_part(spec, weight_file(tp, stage), local))
+            parts.append(self._read_part(spec, self.file_for(tp, stage), local))
         if not parts:  # empty range along the split axis
             return torch.empty([b - a for a, b in ranges], dtype=torch.float32)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=ax)

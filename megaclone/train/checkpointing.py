@@ -3,6 +3,10 @@
 A training checkpoint is DeepSpeed's own state (engine.save_checkpoint, so ZeRO partitions, the
 optimizer and the schedule resume exactly) plus per-rank fp32 safetensors weights and a manifest,
 written into a temporary directory and committed only when every rank has finished.
+
+The checkpoint root is on a filesystem every node shares, unless parallel.node_local_checkpoints: then
+each node writes the files of its own ranks (and a copy of the files all replicas share) into its own
+copy of the step directory, with an inventory, and reads only those on resume (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -18,26 +22,32 @@ import torch.distributed as dist
 from torch import nn
 
 from megaclone.checkpoint import (
+    MANIFEST_NAME,
     CheckpointError,
     Manifest,
     begin_checkpoint,
     commit_checkpoint,
+    file_digest,
     make_manifest,
     prune_checkpoints,
     read_manifest,
     resolve_checkpoint,
     save_weight_shard,
+    step_dir_name,
     storage_stage,
     weight_file,
     weight_file_digests,
     write_manifest,
 )
+from megaclone.checkpoint.io import TMP_PREFIX
+from megaclone.cluster import ClusterReport, hash_node_files, replica_writers, write_node_inventory
 from megaclone.config import ModelConfig, RunConfig
 from megaclone.data import DistributedBatchSampler
 from megaclone.model import global_named_parameters
 from megaclone.parallel import Layout, TPRNGTracker
 from megaclone.spec import spec_table
-from megaclone.train.engine import fp32_masters
+from megaclone.train.engine import fp32_masters, is_pipeline
+from megaclone.train.state_io import optimizer_record, save_optimizer_shard
 
 log = logging.getLogger("megaclone.train")
 
@@ -86,32 +96,81 @@ def set_rng_state(state: dict[str, Any], tracker: TPRNGTracker) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _write_model_states(engine: Any, write: bool) -> None:
+    """Node-local: DeepSpeed writes the model states that every DP replica shares from DP rank 0 only; make the
+    first replica on each node write them too (ZeRO-3 already has every rank write its own)."""
+    if not engine.zero_optimization_partition_weights():
+        engine.save_non_zero_checkpoint = write
+
+
+def _write_pipeline_layers(engine: Any, step_dir: Path) -> None:
+    """The per-layer files that `PipelineModule.save_state_dict` writes on DP rank 0 only, written the same way
+    by another replica (node-local: the first replica on its node)."""
+    from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
+
+    pipe = engine.module
+    for idx, layer in enumerate(pipe.forward_funcs):
+        if hasattr(layer, "state_dict"):
+            path = pipe.ckpt_layer_path(str(step_dir / DEEPSPEED_TAG), idx)
+            engine.checkpoint_engine.save(state_dict=clone_tensors_for_torch_save(layer.state_dict()), path=path)
+
+
 def save_training_checkpoint(root: str | Path, step: int, cfg: RunConfig, layout: Layout, engine: Any,
                              module: nn.Module, sampler: DistributedBatchSampler, tracker: TPRNGTracker,
-                             tokenizer: Path | None, provenance: dict[str, Any]) -> Path:
-    """Write ROOT/step_XXXXXXXX on all ranks together (see the checkpoint contract); returns the step dir."""
-    tmp = _broadcast_path(begin_checkpoint(root, step) if layout.rank == 0 else None)
+                             tokenizer: Path | None, provenance: dict[str, Any],
+                             placement: ClusterReport | None = None) -> Path:
+    """Write ROOT/step_XXXXXXXX on all ranks together (see the checkpoint contract); returns the step dir.
+
+    Node-local (`placement` says which ranks share a node): every node's first rank prepares and commits the
+    node's own copy, and the first DP replica of each (TP, PP) position on a node writes the shared files.
+    """
+    node_local = cfg.parallel.node_local_checkpoints and placement is not None
+    if node_local:
+        node_ranks = placement.nodes[placement.node_of(layout.rank)]["ranks"]
+        leader, writer = layout.rank == node_ranks[0], layout.rank in replica_writers(placement)
+        tmp = Path(root) / (TMP_PREFIX + step_dir_name(step))
+        if leader:
+            begin_checkpoint(root, step)
+        _write_model_states(engine, writer)
+    else:
+        leader, writer = layout.rank == 0, layout.dp_rank == 0
+        tmp = _broadcast_path(begin_checkpoint(root, step) if leader else None)
     _barrier()
     client = {CLIENT_KEY: {"step": step, "data": sampler.state_dict(), "rng": rng_state(tracker)}}
     engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, client_state=client, save_latest=False)
+    if node_local and writer and layout.dp_rank != 0 and is_pipeline(engine):
+        _write_pipeline_layers(engine, tmp)
     weights = master_weights(engine, module, cfg.model, layout)  # collective: every DP rank takes part
-    if layout.dp_rank == 0:
+    if writer:
         save_weight_shard(tmp / weight_file(layout.tp_rank, layout.pp_rank), weights)
+    save_optimizer_shard(tmp, engine, module, cfg.model, layout, writer)  # collective over DP, like the masters
+    if leader and tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
     _barrier()
-    final = Path(root) / tmp.name.removeprefix(".tmp-")
-    if layout.rank == 0:
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    final = Path(root) / tmp.name.removeprefix(TMP_PREFIX)
+    node_files: dict[str, Any] = {}
+    if node_local:  # collective: digests of every node's files; the manifest lists all weight files
+        node_files, every_file = hash_node_files(tmp, placement, layout.rank)
+        files = {rel: every_file[rel] for rel in (weight_file(t, p) for p in range(layout.pp_size)
+                                                  for t in range(layout.tp_size))}
+    elif leader:
+        files = weight_file_digests(tmp, layout.tp_size, layout.pp_size)
+    if leader:
         manifest = make_manifest(
             cfg.model, step, layout.tp_size, layout.pp_size, dp_size=layout.dp_size,
             zero_stage=cfg.parallel.zero_stage, precision=cfg.train.precision,
             tokenizer="tokenizer.model" if tokenizer is not None else None, data=sampler.state_dict(),
-            files=weight_file_digests(tmp, layout.tp_size, layout.pp_size), deepspeed=DEEPSPEED_TAG,
-            provenance=provenance)
+            files=files, deepspeed=DEEPSPEED_TAG, provenance=provenance,
+            optimizer=optimizer_record(engine, tmp, layout, every_file if node_local else None))
         write_manifest(tmp, manifest)
+        if node_local:
+            node_files[MANIFEST_NAME] = file_digest(tmp / MANIFEST_NAME)
+            write_node_inventory(tmp, placement, layout.rank, step, node_files)
         final = commit_checkpoint(tmp)
         removed = prune_checkpoints(root, cfg.checkpoint.keep_last)
-        log.info(f"saved checkpoint {final}" + (f" (pruned {len(removed)})" if removed else ""))
+        if layout.rank == 0:
+            log.info(f"saved checkpoint {final}" + (f" (pruned {len(removed)})" if removed else "")
+                     + (f" (node-local: one copy per node, {len(placement.nodes)} nodes)" if node_local else ""))
     _barrier()
     return final
 
@@ -131,8 +190,8 @@ def check_resume(manifest: Manifest, path: Path, cfg: RunConfig, world_size: int
     if diffs:
         raise CheckpointError(f"--load {path}: the checkpoint holds a different model than this run's config: "
                               + "; ".join(diffs))
-    if manifest.deepspeed is None:
-        return  # weight-only: loaded into a fresh optimizer at any layout
+    if manifest.deepspeed is None or manifest.optimizer is not None:
+        return  # weight-only (fresh optimizer), or optimizer files that resume at any layout (train.state_io)
     tp, pp = cfg.parallel.tp_size, cfg.parallel.pp_size
     want = {"tp_size": tp, "pp_size": pp, "dp_size": world_size // (tp * pp),
             "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision}
@@ -140,7 +199,8 @@ def check_resume(manifest: Manifest, path: Path, cfg: RunConfig, world_size: int
              if manifest.layout.get(k) != v]
     if diffs:
         raise CheckpointError(f"--load {path}: exact resume needs the layout the checkpoint was saved with: "
-                              + "; ".join(diffs))
+                              + "; ".join(diffs) + " (this checkpoint has no optimizer files, so it cannot "
+                              "resume at another layout)")
 
 
 def resume_training_checkpoint(path: str | Path, engine: Any, sampler: DistributedBatchSampler,

@@ -16,6 +16,7 @@ import yaml
 
 from megaclone.checkpoint import Manifest, read_manifest, resolve_checkpoint
 from megaclone.config import ConfigError, RunConfig, apply_overrides, run_config_from_dict
+from megaclone.train.carry import check_carry_plan
 from megaclone.train.checkpointing import TRAINING_ONLY_KEYS, check_resume, model_mismatch
 from megaclone.train.cloning import CloneSource, has_symmetry_breaking, plan_clone
 from megaclone.train.dataset import DataPlan, plan_data, prepared_vocab_size
@@ -57,6 +58,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--clone-variant", choices=("symmetric", "diagonal"), help="weight layout of the copies")
     g.add_argument("--clone-noise-db", type=float, metavar="DB", help="zero-sum symmetry-breaking noise at this SNR")
     g.add_argument("--clone-seed", type=int, help="seed of the clone noise")
+    g.add_argument("--hyperclone-optimizer", choices=("fresh", "carry"),
+                   help="fresh: a new optimizer from step 0 (default); carry: the small run's Adam moments, step and "
+                        "LR schedule, with per-group lr, eps and weight decay that continue its trajectory exactly")
+    g.add_argument("--hyperclone-lr-transition", type=_factor(0), metavar="STEPS",
+                   help="carry: move each group to the run's own lr, eps and weight decay over STEPS steps "
+                        "(0: at once; default: never)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     return p
 
@@ -94,7 +101,9 @@ def _flag_values(args: argparse.Namespace) -> dict[str, dict]:
              ("train", "seed"): args.seed, ("checkpoint", "save"): args.save, ("checkpoint", "load"): args.load,
              ("clone", "init_from"): args.init_from, ("clone", "factor"): args.hyperclone,
              ("clone", "ffn_factor"): args.hyperclone_ffn, ("clone", "variant"): args.clone_variant,
-             ("clone", "noise_db"): args.clone_noise_db, ("clone", "seed"): args.clone_seed}
+             ("clone", "noise_db"): args.clone_noise_db, ("clone", "seed"): args.clone_seed,
+             ("clone", "optimizer"): args.hyperclone_optimizer,
+             ("clone", "lr_transition"): args.hyperclone_lr_transition}
     out: dict[str, dict] = {}
     for (section, key), value in flags.items():
         if value is not None:
@@ -134,6 +143,8 @@ def _plan_clone(args: argparse.Namespace, cfg: RunConfig, model_values: dict, wo
     cfg.model = dataclasses.replace(clone.wide, **{k: v for k, v in model_values.items() if k in CLONE_MODEL_KEYS})
     if cfg.train.train_iters == 0 and not cfg.checkpoint.save:
         raise ConfigError("--train-iters 0 writes the widened checkpoint and exits: give --save DIR")
+    if cfg.clone.optimizer == "carry":
+        check_carry_plan(cfg, clone.manifest, clone.path)
     if not has_symmetry_breaking(cfg.model, cfg.clone) and cfg.train.train_iters > 0:
         warnings.append("cloned run without symmetry breaking (no --clone-noise-db, no dropout): the copies "
                         "stay identical and the wide model trains like the small one")

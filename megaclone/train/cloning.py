@@ -52,7 +52,7 @@ class CloneSource:
             "source": str(self.path.resolve()), "source_step": self.manifest.step,
             "source_layout": dict(self.manifest.layout), "source_model": dataclasses.asdict(self.manifest.model),
             "factor": n, "ffn_factor": m, "variant": self.clone.variant, "noise_db": self.clone.noise_db,
-            "seed": self.clone.seed}}
+            "seed": self.clone.seed, "optimizer": self.clone.optimizer, "lr_transition": self.clone.lr_transition}}
 
 
 def plan_clone(clone: CloneConfig, parallel: ParallelConfig, world_size: int) -> CloneSource:

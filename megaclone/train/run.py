@@ -1,15 +1,15 @@
 """One training run end to end: plan (all checks), process groups, data, model, engine, train, save.
 
-`main` is what launch/pretrain.py calls; it works under `deepspeed`, `torchrun` and as a plain
-single process. User mistakes found while planning exit with status 2 before any process group or
-file exists.
+`main` is what launch/pretrain.py calls; it works under `deepspeed` (one node or one launcher per node),
+`torchrun`, bare Slurm tasks and as a plain single process (megaclone.cluster reads each launcher's
+environment). User mistakes found while planning exit with status 2 before any process group or file
+exists; a peer lost mid-run ends every surviving rank with a message and status 75.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from typing import Any
 
@@ -18,9 +18,11 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from megaclone import cluster
 from megaclone.checkpoint import ShardReader
 from megaclone.data import DistributedBatchSampler
 from megaclone.parallel import Layout, TPRNGTracker, build_layout
+from megaclone.train.carry import start_carried_run
 from megaclone.train.checkpointing import (
     layout_dict,
     load_rank_weights,
@@ -33,31 +35,20 @@ from megaclone.train.dataset import eval_batches, open_data, prepare_data_on_ran
 from megaclone.train.engine import build_engine, build_model, device_for
 from megaclone.train.logging import MetricsLogger, setup_console_logging
 from megaclone.train.loop import TrainContext, run_eval, train
+from megaclone.train.state_io import elastic_reason, resume_elastic
 
 log = logging.getLogger("megaclone.train")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> None:
-    """Process groups for deepspeed/torchrun launches (env already set) or a plain single process."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python launch/pretrain.py`
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def init_distributed(env: cluster.ClusterEnv | None = None) -> None:
+    """The default process group for this rank (whichever launcher started it), with the collective timeout."""
+    env = env or cluster.detect_cluster_env()
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the local ranks
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(env.local_rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    cluster.init_process_group(env)
 
 
 def _seed(seed: int, layout: Layout, device: torch.device) -> TPRNGTracker:
@@ -80,6 +71,9 @@ def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, devic
     """The engine at its starting point: spec-table init, a widened clone, a weight-only checkpoint, or an exact
     resume of a training checkpoint. Returns (engine, module, the step training continues after)."""
     cfg = plan.cfg
+    elastic = elastic_reason(plan.resume, cfg, layout.world_size) if plan.resume is not None else None
+    if elastic is not None:  # another layout, or a converted checkpoint: carry masters, moments, schedule, data
+        return resume_elastic(cfg, plan.resume_path, layout, tracker, device, sampler, elastic)
     weight_only = plan.resume is not None and plan.resume.deepspeed is None
     module = build_model(cfg, layout, tracker, init=plan.clone is None and not weight_only)
     clone_tensors = None
@@ -89,13 +83,17 @@ def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, devic
     elif weight_only:
         with ShardReader(plan.resume_path) as reader:
             load_rank_weights(module, cfg.model, layout, reader.read)
+    if plan.clone is not None and cfg.clone.optimizer == "carry":  # resume the small run's optimizer, widened
+        engine, step = start_carried_run(cfg, plan.clone, layout, module, device, sampler, clone_tensors)
+        return engine, module, step
     engine = build_engine(cfg, layout, module, device)
     if clone_tensors is not None and cfg.train.precision != "fp32":
         inject_fp32_masters(engine, module, cfg.model, clone_tensors)
     if plan.resume is None or weight_only:
         return engine, module, 0
+    cluster.check_same_checkpoint(plan.resume_path, plan.resume.step)  # node-local copies may disagree
     step = resume_training_checkpoint(plan.resume_path, engine, sampler, tracker)
-    log.info(f"resumed from {plan.resume_path} at step {step}")
+    log.info(f"resumed from {plan.resume_path} at step {step} (exact: DeepSpeed's own state, same layout)")
     return engine, module, step
 
 
@@ -106,6 +104,12 @@ def run(plan: RunPlan) -> float | None:
     setup_console_logging(layout.rank)
     log.info("config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     log.info(f"layout: {layout.describe()}, ZeRO-{cfg.parallel.zero_stage}, {cfg.train.precision}")
+    env = cluster.detect_cluster_env()
+    placement = cluster.build_cluster_report(cluster.gather_placement(env), env.launcher, layout.tp_size,
+                                             layout.pp_size)
+    log.info("\n".join(placement.lines()))
+    for warning in placement.warnings if layout.rank == 0 else []:
+        log.warning(warning)
     for warning in plan.warnings if layout.rank == 0 else []:
         log.warning(warning)
     device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
@@ -120,7 +124,7 @@ def run(plan: RunPlan) -> float | None:
 
     logger = MetricsLogger(cfg.run_dir, layout.rank == 0, cfg.train.train_iters, start_step)
     logger.event("start", start_step, config=cfg.to_dict(), layout=layout_dict(cfg, layout),
-                 world_size=layout.world_size, num_params=cfg.model.num_params())
+                 world_size=layout.world_size, num_params=cfg.model.num_params(), cluster=placement.to_dict())
     eval_set = [(t.to(device), y.to(device)) for t, y in eval_batches(
         data.valid, cfg.train.micro_batch_size, cfg.train.eval_iters, layout.dp_rank, layout.dp_size, cfg.train.seed)]
     save = None
@@ -129,7 +133,7 @@ def run(plan: RunPlan) -> float | None:
 
         def save(step: int) -> None:
             save_training_checkpoint(cfg.checkpoint.save, step, cfg, layout, engine, module, data.sampler, tracker,
-                                     data.tokenizer.path, provenance)
+                                     data.tokenizer.path, provenance, placement)
 
     batches = ((t.to(device), y.to(device)) for t, y in data.batches())
     ctx = TrainContext(cfg, layout, engine, batches, eval_set, logger, start_step, save)
@@ -151,16 +155,19 @@ def run(plan: RunPlan) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    env = None
     try:
-        plan = build_plan(args, world_size)
+        env = cluster.detect_cluster_env()
+        cluster.export_cluster_env(env)  # torch's names, also under bare Slurm tasks
+        plan = build_plan(args, env.world_size)
     except (ValueError, FileNotFoundError) as e:  # the user's mistake: say it, do nothing
-        if int(os.environ.get("RANK", "0")) == 0:
+        if env is None or env.rank == 0:  # a broken environment: every rank says so
             print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 2
-    init_distributed()
+    init_distributed(env)
     try:
-        run(plan)
+        with cluster.exit_on_peer_failure(env, plan.cfg.checkpoint.save):
+            run(plan)
     finally:
         dist.destroy_process_group()
     return 0

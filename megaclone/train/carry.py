@@ -1,0 +1,314 @@
+"""Carrying the optimizer across a widening: AdamW groups, schedule and clipping in the small model's units.
+
+With the moments carried (megaclone.clone.moments), Adam's update m/sqrt(v) of a widened parameter is the
+small update o pi. The widened value is (small o pi) / s, so the wide model follows the small model's
+trajectory exactly (no noise, no dropout, fp32) when each parameter uses (DESIGN.md section 4)
+
+    learning rate  lr / s        the update must shrink with the value
+    Adam eps       eps / p       sqrt(v') = sqrt(v) / p
+    weight decay   wd * s        so that lr * wd, the decoupled decay per step, is kept
+    clipping       on sqrt(sum_g w_g ||grad_g||^2), w = p^2 / c: the norm the small model would see
+
+Parameters with equal (decay, s, p, c) share one AdamW group, so every multiplier is a group setting. After
+the widening an optional transition moves each group to the run's own values over `lr_transition` steps,
+geometrically: multiplier(t) = multiplier^(1 - t), t = (step - clone step) / lr_transition clamped to [0, 1].
+
+Clipping (the choice): DeepSpeed clips inside `engine.step` on its own norm. ZeRO-1/2 compute that norm in
+one method, `scaled_global_norm`, as the combination of per-group norms that are already reduced over DP and
+TP; `install_small_norm_clipping` replaces it on the engine's ZeRO optimizer with the weighted combination.
+The clip coefficient, the logged grad_norm and the partitioned gradients then behave exactly as in the small
+run, at any DP size and for the pipeline engine (ZeRO-1) too; no gradient is touched twice. ZeRO-0 and ZeRO-3
+use other code paths and are refused for carry runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megaclone.checkpoint import Manifest
+from megaclone.clone import CarryFactors, carry_factors, clone_factors, widen_model_config
+from megaclone.config import CloneConfig, ConfigError, ModelConfig, RunConfig, TrainConfig
+from megaclone.spec import spec_table
+from megaclone.train.optim import build_param_groups, lr_factor
+
+log = logging.getLogger("megaclone.train")
+
+CARRY_KEY = "carry"  # the group's factors and base values, kept in the group dict (and its state dict)
+CARRY_ZERO_STAGES = (1, 2)
+
+
+def check_carry_supported(cfg: RunConfig) -> None:
+    """Carry runs need ZeRO-1/2, where the clipping norm can be taken in the small model's units."""
+    if cfg.clone.optimizer == "carry" and cfg.parallel.zero_stage not in CARRY_ZERO_STAGES:
+        raise ConfigError(f"--hyperclone-optimizer carry with parallel.zero_stage={cfg.parallel.zero_stage}: "
+                          f"supported with ZeRO stages {CARRY_ZERO_STAGES} (where gradient clipping can be measured "
+                          "on the small model's norm)")
+
+
+def check_carry_plan(cfg: RunConfig, source: Manifest, path: Path) -> None:
+    """Everything a carry launch needs from the small checkpoint and the run, checked before any work."""
+    check_carry_supported(cfg)
+    if source.optimizer is None:
+        raise ConfigError(f"--hyperclone-optimizer carry: {path} holds no optimizer state (its manifest has no "
+                          "'optimizer' entry and no optim/ files); widen it with the fresh optimizer instead")
+    if cfg.train.train_iters <= source.step:
+        raise ConfigError(f"--hyperclone-optimizer carry continues the step count of {path} (step {source.step}): "
+                          f"train.train_iters={cfg.train.train_iters} must exceed it")
+
+
+def parameter_factors(names: Iterable[str], small_cfg: ModelConfig, clone_cfg: CloneConfig) -> dict[str, CarryFactors]:
+    """Global name -> (s, p, c) of every named widened parameter."""
+    n, m = clone_factors(clone_cfg)
+    specs = spec_table(widen_model_config(small_cfg, n, m))
+    return {name: carry_factors(specs[name], small_cfg, n, m) for name in names}
+
+
+def build_carry_param_groups(params: dict[str, nn.Parameter], small_cfg: ModelConfig, clone_cfg: CloneConfig,
+                             train: TrainConfig) -> list[dict]:
+    """AdamW groups of the wide model, one per (decay, s, p, c), set to the exact-continuation values.
+
+    `params` maps global names to this rank's widened parameters. Groups with s = 1 come first, so the
+    logged learning rate (group 0's) is the small run's schedule. The order is a function of the factors
+    only, so DP replicas build the same groups in the same order, as ZeRO needs.
+    """
+    factors = parameter_factors(params, small_cfg, clone_cfg)
+    names = {id(p): name for name, p in params.items()}
+    keyed: dict[tuple, list[nn.Parameter]] = {}
+    for base in build_param_groups(params, widen_model_config(small_cfg, *clone_factors(clone_cfg)), train):
+        for param in base["params"]:
+            f = factors[names[id(param)]]
+            key = (f.value_scale, f.grad_scale, f.copies, base["name"], base["weight_decay"])
+            keyed.setdefault(key, []).append(param)
+    groups = []
+    for (s, p, c, kind, decay), members in sorted(keyed.items(), key=lambda kv: kv[0][:4]):
+        carry = {"value_scale": s, "grad_scale": p, "copies": c, "weight_decay": decay, "eps": train.adam_eps,
+                 "norm_weight": 1.0}
+        group = {"params": members, "name": f"{kind}/s{s}-p{p}-c{c}", "lr": train.lr, "eps": train.adam_eps,
+                 "weight_decay": decay, CARRY_KEY: carry}
+        set_group_values(group, 0.0, lr=train.lr)
+        groups.append(group)
+    return groups
+
+
+def set_group_values(group: dict, progress: float, lr: float) -> None:
+    """Set lr (the schedule's value for this step, before the group's multiplier), eps, weight decay and the
+    clip-norm weight of one carry group at transition progress t in [0, 1] (0: exact continuation)."""
+    c = group[CARRY_KEY]
+    keep = 1.0 - progress
+    s, p = c["value_scale"], c["grad_scale"]
+    group["lr"] = lr * s ** -keep
+    group["eps"] = c["eps"] * p ** -keep
+    group["weight_decay"] = c["weight_decay"] * s ** keep
+    c["norm_weight"] = (p * p / c["copies"]) ** keep
+
+
+def transition_progress(step: int, clone_step: int, transition: int | None) -> float:
+    """t after `step` optimizer steps: 0 before/without a transition, 1 once it is over (0 steps: at once)."""
+    if transition is None:
+        return 0.0
+    if transition == 0:
+        return 1.0
+    return min(1.0, max(0.0, (step - clone_step) / transition))
+
+
+class CarrySchedule(torch.optim.lr_scheduler.LRScheduler):
+    """The run's warmup + cosine schedule, continued from the clone step, with each carry group's multipliers.
+
+    `last_epoch` counts optimizer steps since the small run began, so the position is the small run's and
+    DeepSpeed saves and restores it with the engine. eps and weight decay are set with the learning rate.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, train: TrainConfig, clone_step: int,
+                 transition: int | None) -> None:
+        self.factor = lr_factor(train)
+        self.base_lr = train.lr
+        self.clone_step = clone_step
+        self.transition = transition
+        super().__init__(optimizer)  # sets the values for step 0; `start_at` moves to the clone step
+        self.start_at(clone_step)
+
+    def start_at(self, step: int) -> None:
+        """Position the schedule after `step` optimizer steps (the small checkpoint's step)."""
+        self.last_epoch = step
+        values = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, values):
+            group["lr"] = lr
+        self._last_lr = values
+
+    def get_lr(self) -> list[float]:
+        t = transition_progress(self.last_epoch, self.clone_step, self.transition)
+        lr = self.base_lr * self.factor(self.last_epoch)
+        for group in self.optimizer.param_groups:
+            set_group_values(group, t, lr)
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "factor")}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.__dict__.update(state_dict)
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+
+
+def build_carry_scheduler(train: TrainConfig, clone_step: int,
+                          transition: int | None) -> Callable[[torch.optim.Optimizer], CarrySchedule]:
+    """A callable DeepSpeed applies to the optimizer it steps (like `build_lr_scheduler`)."""
+    return lambda optimizer: CarrySchedule(optimizer, train, clone_step, transition)
+
+
+def small_model_grad_norm(groups: list[dict]) -> torch.Tensor:
+    """sqrt(sum_g w_g ||grad_g||^2) over single-process groups: the gradient norm the small model sees."""
+    total = torch.zeros((), dtype=torch.float64)
+    for group in groups:
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        if grads:
+            sq = sum(g.detach().double().pow(2).sum() for g in grads)
+            total = total + group[CARRY_KEY]["norm_weight"] * sq
+    return total.sqrt()
+
+
+def clip_to_small_norm_(groups: list[dict], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` with the small model's norm (single process); returns that norm."""
+    norm = small_model_grad_norm(groups)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for group in groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
+
+
+def install_small_norm_clipping(engine: Any) -> None:
+    """Make the engine's ZeRO-1/2 optimizer clip on the small model's norm (see the module docstring)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = engine.optimizer
+    if not isinstance(zero, DeepSpeedZeroOptimizer):
+        raise ConfigError(f"--hyperclone-optimizer carry needs DeepSpeed's ZeRO-1/2 optimizer, the engine has "
+                          f"{type(zero).__name__}")
+    if zero.cpu_offload or zero.has_moe_layers:
+        raise ConfigError("--hyperclone-optimizer carry does not support ZeRO CPU offload or MoE layers")
+
+    def scaled_global_norm(self: Any, norm_type: int = 2) -> torch.Tensor:
+        assert norm_type == 2, "only the L2 norm is carried"
+        total = None
+        for i, group in enumerate(self.optimizer.param_groups):
+            norm = self.get_grad_norm_direct(self.averaged_gradients[i], self.params_in_partition[i])
+            if norm.item() < 0:  # DeepSpeed's sentinel for inf/NaN: keep it, the step is then skipped
+                return norm
+            term = group[CARRY_KEY]["norm_weight"] * norm.double() ** 2
+            total = term if total is None else total + term
+        return total.sqrt().float()
+
+    zero.scaled_global_norm = types.MethodType(scaled_global_norm, zero)
+
+
+def describe_carry(groups: list[dict], transition: int | None, clone_step: int) -> str:
+    """One line per group: what is carried and how (logged at start)."""
+    lines = [f"optimizer carried from step {clone_step}; "
+             + ("exact continuation (no transition)" if transition is None else
+                f"transition to the run's lr, eps and weight decay over {transition} steps")]
+    for g in groups:
+        c = g[CARRY_KEY]
+        s, p, n_copies = c["value_scale"], c["grad_scale"], c["copies"]
+        numel = sum(param.numel() for param in g["params"])
+        lines.append(f"  group {g['name']}: {len(g['params'])} tensors, {numel} elements: lr x 1/{s}, eps x 1/{p}, "
+                     f"weight decay {c['weight_decay']:g} x {s}, clip-norm weight {p * p / n_copies:.4g} "
+                     f"(moments m/{p}, v/{p * p})")
+    return "\n".join(lines)
+
+
+def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: torch.device,
+                       clone_step: int) -> tuple[Any, list[dict]]:
+    """`deepspeed.initialize` like `build_engine`, with the carry groups and schedule and the small-norm clipping.
+
+    `module` holds the widened weights already; returns (engine, the AdamW groups as built).
+    """
+    import deepspeed
+
+    from megaclone.model import global_named_parameters
+    from megaclone.train.engine import build_deepspeed_config
+
+    check_carry_supported(cfg)
+    train = cfg.train
+    module.to(device)
+    params = global_named_parameters(module, cfg.model)
+    groups = build_carry_param_groups(params, small_model_config(cfg), cfg.clone, train)
+    fused = all(p.is_cuda for p in params.values())
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps,
+                                  fused=fused or None)
+    scheduler = build_carry_scheduler(train, clone_step, cfg.clone.lr_transition)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout),
+        mpu=layout if layout.pp_size == 1 else None)
+    install_small_norm_clipping(engine)
+    return engine, groups
+
+
+def small_model_config(cfg: RunConfig) -> ModelConfig:
+    """The small checkpoint's model config (the run's model is its widening)."""
+    from megaclone.checkpoint import read_manifest
+
+    return read_manifest(resolve_small(cfg)).model
+
+
+@torch.no_grad()
+def carry_optimizer_state(engine: Any, module: nn.Module, cfg: RunConfig, layout: Any,
+                          sampler: Any) -> int:
+    """Widen the small checkpoint's Adam moments into this rank's slices and set them with its step count; continue
+    its data position. Returns the training step the run continues after (the small checkpoint's)."""
+    from megaclone.checkpoint.optim_state import MOMENT_KEYS, OptimStateReader
+    from megaclone.clone import clone_moment
+    from megaclone.model import global_named_parameters
+    from megaclone.train.state_io import set_moments
+
+    params = global_named_parameters(module, cfg.model)
+    specs = spec_table(cfg.model)
+    with OptimStateReader(resolve_small(cfg)) as reader:
+        small_cfg = reader.manifest.model
+        moments = {}
+        for name in params:
+            index = specs[name].tp_slices(layout.tp_rank, layout.tp_size)
+            moments[name] = {key: clone_moment(specs[name], small_cfg, cfg.clone,
+                                               lambda n, i, key=key: reader.read_moment(n, key, i), index, key)
+                             for key in MOMENT_KEYS}
+        adam_step, manifest = reader.step, reader.manifest
+    set_moments(engine, params, moments, adam_step)
+    if manifest.data:
+        try:
+            sampler.load_state_dict(manifest.data)
+        except ValueError as e:
+            log.warning(f"data position of {manifest.step} steps not carried ({e}); the wide run reads its own order")
+    engine.global_steps = manifest.step
+    engine.global_samples = manifest.step * engine.train_batch_size()
+    return manifest.step
+
+
+def resolve_small(cfg: RunConfig) -> Any:
+    from megaclone.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(cfg.clone.init_from)
+
+
+def start_carried_run(cfg: RunConfig, source: Any, layout: Any, module: nn.Module, device: torch.device,
+                      sampler: Any, clone_tensors: dict[str, torch.Tensor]) -> tuple[Any, int]:
+    """The engine of a carry launch (the module holds the widened weights): exact fp32 masters, the widened
+    moments and the small run's Adam step, schedule position and data position. Returns (engine, step)."""
+    from megaclone.train.cloning import inject_fp32_masters
+
+    schedule_step = int(source.manifest.optimizer["scheduler"]["last_epoch"])
+    engine, groups = build_carry_engine(cfg, layout, module, device, schedule_step)
+    if cfg.train.precision != "fp32":
+        inject_fp32_masters(engine, module, cfg.model, clone_tensors)
+    step = carry_optimizer_state(engine, module, cfg, layout, sampler)
+    if layout.rank == 0:
+        log.info(describe_carry(groups, cfg.clone.lr_transition, schedule_step))
+    return engine, step
