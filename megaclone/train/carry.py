@@ -23,9 +23,11 @@ use other code paths and are refused for carry runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from torch import nn
 
 from megaclone.checkpoint import Manifest
 from megaclone.clone import CarryFactors, carry_factors, clone_factors, widen_model_config
-from megaclone.config import CloneConfig, ConfigError, ModelConfig, RunConfig, TrainConfig
+from megaclone.config import CloneConfig, ConfigError, ModelConfig, RunConfig, TrainConfig, model_config_from_dict
 from megaclone.spec import spec_table
 from megaclone.train.optim import build_param_groups, lr_factor
 
@@ -44,12 +46,15 @@ CARRY_KEY = "carry"  # the group's factors and base values, kept in the group di
 CARRY_ZERO_STAGES = (1, 2)
 
 
-def check_carry_supported(cfg: RunConfig) -> None:
-    """Carry runs need ZeRO-1/2, where the clipping norm can be taken in the small model's units."""
-    if cfg.clone.optimizer == "carry" and cfg.parallel.zero_stage not in CARRY_ZERO_STAGES:
-        raise ConfigError(f"--hyperclone-optimizer carry with parallel.zero_stage={cfg.parallel.zero_stage}: "
-                          f"supported with ZeRO stages {CARRY_ZERO_STAGES} (where gradient clipping can be measured "
-                          "on the small model's norm)")
+def check_carry_supported(cfg: RunConfig, what: str = "--hyperclone-optimizer carry") -> None:
+    """Carry runs need ZeRO-1/2 and PP=1, where the clipping norm can be taken in the small model's units."""
+    if cfg.parallel.zero_stage not in CARRY_ZERO_STAGES:
+        raise ConfigError(f"{what} with parallel.zero_stage={cfg.parallel.zero_stage}: supported with ZeRO stages "
+                          f"{CARRY_ZERO_STAGES} (where gradient clipping can be measured on the small model's norm)")
+    if cfg.parallel.pp_size > 1:
+        # Stages hold different carry groups, so the per-group clipping norm is not reduced across stages.
+        raise ConfigError(f"{what} with parallel.pp_size={cfg.parallel.pp_size}: supported with PP=1 only "
+                          "(use TP and DP for the wide run, or the fresh optimizer)")
 
 
 def check_carry_plan(cfg: RunConfig, source: Manifest, path: Path) -> None:
@@ -226,8 +231,46 @@ def describe_carry(groups: list[dict], transition: int | None, clone_step: int) 
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class CarrySettings:
+    """What the carry groups and schedule are built from: at the widening, and again on every --load of the run."""
+    small: ModelConfig  # the small checkpoint's model (the run's model is its widening)
+    clone: CloneConfig  # factors and lr_transition
+    clone_step: int  # the schedule position at the widening (transition progress counts from it)
+
+
+def carry_resume_settings(manifest: Manifest, path: Path, cfg: RunConfig) -> CarrySettings | None:
+    """The carry settings of a checkpoint that a --hyperclone-optimizer carry run saved (None for any other).
+
+    The launch records them in the manifest's provenance (`CloneSource.provenance`), and a resumed run keeps
+    that record, so a chain of resumes rebuilds the same groups. Checked before any work.
+    """
+    record = manifest.provenance.get("hyperclone") or {}
+    if record.get("optimizer") != "carry" or (manifest.deepspeed is None and manifest.optimizer is None):
+        return None  # not a carry run, or weights only (a fresh optimizer at step 0 either way)
+    where = f"--load {path}: provenance.hyperclone of a --hyperclone-optimizer carry run"
+    try:
+        transition = record.get("lr_transition")
+        clone = CloneConfig(init_from=str(record["source"]), factor=int(record["factor"]),
+                            ffn_factor=int(record["ffn_factor"]), optimizer="carry",
+                            lr_transition=None if transition is None else int(transition))
+        clone.validate()
+        small = model_config_from_dict(dict(record["source_model"]))
+        scheduler = (manifest.optimizer or {}).get("scheduler") or {}
+        clone_step = int(scheduler.get("clone_step", record["source_step"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where} is incomplete or malformed ({type(e).__name__}: {e})") from e
+    quiet = {"dropout": 0.0, "attention_dropout": 0.0}  # training-only options may differ
+    wide = widen_model_config(small, *clone_factors(clone))
+    if dataclasses.replace(wide, **quiet) != dataclasses.replace(manifest.model, **quiet):
+        raise ConfigError(f"{where}: its source_model widened x{clone.factor} (ffn x{clone.ffn_factor}) is not the "
+                          "checkpoint's model")
+    check_carry_supported(cfg, f"{where}: resuming it")
+    return CarrySettings(small, clone, clone_step)
+
+
 def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: torch.device,
-                       clone_step: int) -> tuple[Any, list[dict]]:
+                       carry: CarrySettings) -> tuple[Any, list[dict]]:
     """`deepspeed.initialize` like `build_engine`, with the carry groups and schedule and the small-norm clipping.
 
     `module` holds the widened weights already; returns (engine, the AdamW groups as built).
@@ -237,27 +280,20 @@ def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: t
     from megaclone.model import global_named_parameters
     from megaclone.train.engine import build_deepspeed_config
 
-    check_carry_supported(cfg)
+    assert cfg.parallel.zero_stage in CARRY_ZERO_STAGES and cfg.parallel.pp_size == 1, "checked when planning"
     train = cfg.train
     module.to(device)
     params = global_named_parameters(module, cfg.model)
-    groups = build_carry_param_groups(params, small_model_config(cfg), cfg.clone, train)
+    groups = build_carry_param_groups(params, carry.small, carry.clone, train)
     fused = all(p.is_cuda for p in params.values())
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps,
                                   fused=fused or None)
-    scheduler = build_carry_scheduler(train, clone_step, cfg.clone.lr_transition)
+    scheduler = build_carry_scheduler(train, carry.clone_step, carry.clone.lr_transition)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout),
         mpu=layout if layout.pp_size == 1 else None)
     install_small_norm_clipping(engine)
     return engine, groups
-
-
-def small_model_config(cfg: RunConfig) -> ModelConfig:
-    """The small checkpoint's model config (the run's model is its widening)."""
-    from megaclone.checkpoint import read_manifest
-
-    return read_manifest(resolve_small(cfg)).model
 
 
 @torch.no_grad()
@@ -305,7 +341,8 @@ def start_carried_run(cfg: RunConfig, source: Any, layout: Any, module: nn.Modul
     from megaclone.train.cloning import inject_fp32_masters
 
     schedule_step = int(source.manifest.optimizer["scheduler"]["last_epoch"])
-    engine, groups = build_carry_engine(cfg, layout, module, device, schedule_step)
+    carry = CarrySettings(source.manifest.model, cfg.clone, schedule_step)
+    engine, groups = build_carry_engine(cfg, layout, module, device, carry)
     if cfg.train.precision != "fp32":
         inject_fp32_masters(engine, module, cfg.model, clone_tensors)
     step = carry_optimizer_state(engine, module, cfg, layout, sampler)

@@ -16,7 +16,7 @@ import yaml
 
 from megaclone.checkpoint import Manifest, read_manifest, resolve_checkpoint
 from megaclone.config import ConfigError, RunConfig, apply_overrides, run_config_from_dict
-from megaclone.train.carry import check_carry_plan
+from megaclone.train.carry import CarrySettings, carry_resume_settings, check_carry_plan
 from megaclone.train.checkpointing import TRAINING_ONLY_KEYS, check_resume, model_mismatch
 from megaclone.train.cloning import CloneSource, has_symmetry_breaking, plan_clone
 from megaclone.train.dataset import DataPlan, plan_data, prepared_vocab_size
@@ -81,6 +81,7 @@ class RunPlan:
     resume: Manifest | None = None  # the checkpoint given by --load
     resume_path: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    carry: CarrySettings | None = None  # --load of a carry run's checkpoint: its optimizer groups and schedule
 
 
 def _read_config_values(path: str | None) -> dict:
@@ -206,6 +207,8 @@ def build_plan(args: argparse.Namespace, world_size: int) -> RunPlan:
         tokenizer = resume_path / resume.tokenizer
     data = _plan_data(cfg, values.get("data") or {}, tokenizer, clone is not None or resume is not None, warnings)
     cfg.validate(world_size)
+    carry = None
     if resume is not None:
         check_resume(resume, resume_path, cfg, world_size)
-    return RunPlan(cfg, world_size, data, clone, resume, resume_path, warnings)
+        carry = carry_resume_settings(resume, resume_path, cfg)
+    return RunPlan(cfg, world_size, data, clone, resume, resume_path, warnings, carry)

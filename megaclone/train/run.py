@@ -22,7 +22,7 @@ from megaclone import cluster
 from megaclone.checkpoint import ShardReader
 from megaclone.data import DistributedBatchSampler
 from megaclone.parallel import Layout, TPRNGTracker, build_layout
-from megaclone.train.carry import start_carried_run
+from megaclone.train.carry import build_carry_engine, start_carried_run
 from megaclone.train.checkpointing import (
     layout_dict,
     load_rank_weights,
@@ -73,7 +73,7 @@ def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, devic
     cfg = plan.cfg
     elastic = elastic_reason(plan.resume, cfg, layout.world_size) if plan.resume is not None else None
     if elastic is not None:  # another layout, or a converted checkpoint: carry masters, moments, schedule, data
-        return resume_elastic(cfg, plan.resume_path, layout, tracker, device, sampler, elastic)
+        return resume_elastic(cfg, plan.resume_path, layout, tracker, device, sampler, elastic, plan.carry)
     weight_only = plan.resume is not None and plan.resume.deepspeed is None
     module = build_model(cfg, layout, tracker, init=plan.clone is None and not weight_only)
     clone_tensors = None
@@ -86,7 +86,10 @@ def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, devic
     if plan.clone is not None and cfg.clone.optimizer == "carry":  # resume the small run's optimizer, widened
         engine, step = start_carried_run(cfg, plan.clone, layout, module, device, sampler, clone_tensors)
         return engine, module, step
-    engine = build_engine(cfg, layout, module, device)
+    if plan.carry is not None:  # a carry run's own checkpoint: the same groups and schedule, then its state
+        engine = build_carry_engine(cfg, layout, module, device, plan.carry)[0]
+    else:
+        engine = build_engine(cfg, layout, module, device)
     if clone_tensors is not None and cfg.train.precision != "fp32":
         inject_fp32_masters(engine, module, cfg.model, clone_tensors)
     if plan.resume is None or weight_only:

@@ -43,6 +43,7 @@ from megaclone.data import DistributedBatchSampler
 from megaclone.model import global_named_parameters
 from megaclone.parallel import Layout, TPRNGTracker
 from megaclone.spec import spec_table
+from megaclone.train.carry import CarrySchedule, CarrySettings, build_carry_engine
 from megaclone.train.engine import build_engine, build_model, set_fp32_masters
 
 log = logging.getLogger("megaclone.train")
@@ -145,8 +146,11 @@ def export_moments(engine: Any, params: dict[str, nn.Parameter]) -> dict[str, di
 def scheduler_state(engine: Any) -> dict[str, Any]:
     """The LR scheduler's position as JSON (the schedule itself is rebuilt from the config)."""
     sched = engine.lr_scheduler
-    return {"last_epoch": int(sched.last_epoch), "step_count": int(getattr(sched, "_step_count", 0)),
-            "last_lr": [float(x) for x in sched.get_last_lr()]}
+    state = {"last_epoch": int(sched.last_epoch), "step_count": int(getattr(sched, "_step_count", 0)),
+             "last_lr": [float(x) for x in sched.get_last_lr()]}
+    if isinstance(sched, CarrySchedule):  # where the transition counts from, for a resume at another layout
+        state["clone_step"] = int(sched.clone_step)
+    return state
 
 
 def _create_adam_state(engine: Any, step: int) -> None:
@@ -194,6 +198,9 @@ def set_scheduler_position(engine: Any, state: dict[str, Any]) -> None:
     last_epoch = int(state["last_epoch"])
     sched.last_epoch = last_epoch
     sched._step_count = int(state.get("step_count", last_epoch + 1))
+    if isinstance(sched, CarrySchedule):  # every carry group's lr, eps, weight decay and clip weight, recomputed
+        sched.start_at(last_epoch)  # (the groups per rank depend on the layout, so `last_lr` does not fit them)
+        return
     if hasattr(sched, "lr_lambdas"):  # LambdaLR (ours): the same floats as the uninterrupted run
         lrs = [base_lr * fn(last_epoch) for fn, base_lr in zip(sched.lr_lambdas, sched.base_lrs)]
     else:
@@ -284,15 +291,18 @@ def optimizer_record(engine: Any, step_dir: Path, layout: Layout,
 
 
 def resume_elastic(cfg: RunConfig, path: Path, layout: Layout, tracker: TPRNGTracker, device: torch.device,
-                   sampler: DistributedBatchSampler, reason: str) -> tuple[Any, nn.Module, int]:
-    """Build this rank's model and engine from a checkpoint of any layout and continue its training state.
+                   sampler: DistributedBatchSampler, reason: str,
+                   carry: CarrySettings | None = None) -> tuple[Any, nn.Module, int]:
+    """Build this rank's model and engine from a checkpoint of any layout and continue its training state
+    (`carry`: the checkpoint of a carry run, whose optimizer groups and schedule are rebuilt).
     Returns (engine, module, the step training continues after)."""
     from megaclone import cluster
 
     cluster.check_same_checkpoint(path, read_manifest(path).step)  # node-local copies may disagree
     module = build_model(cfg, layout, tracker, init=False)
     masters = load_weights_elastic(module, cfg, layout, path)
-    engine = build_engine(cfg, layout, module, device)
+    engine = build_engine(cfg, layout, module, device) if carry is None else \
+        build_carry_engine(cfg, layout, module, device, carry)[0]
     step = import_training_state(path, engine, module, cfg, layout, sampler, masters)
     log.info(f"resumed from {path} at step {step} through the layout-free path ({reason}): fp32 masters, Adam "
              f"moments and step, LR schedule and data position carried; DeepSpeed's own state not used")

@@ -297,6 +297,8 @@ def test_flags_and_refusals(small_run) -> None:
     with pytest.raises(ConfigError, match="zero_stage=3"):
         build_plan(parse_args([*base, "--hyperclone-optimizer", "carry", "--zero-stage", "3", "--train-iters", "40"]),
                    2)
+    with pytest.raises(ConfigError, match="pp_size=2: supported with PP=1 only"):
+        build_plan(parse_args([*base, "--hyperclone-optimizer", "carry", "--pp", "2", "--train-iters", "40"]), 2)
     with pytest.raises(ConfigError, match="must exceed it"):
         build_plan(parse_args([*base, "--hyperclone-optimizer", "carry", "--train-iters", "30"]), 2)
     path = resolve_checkpoint(small_run.ckpt)
