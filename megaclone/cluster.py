@@ -285,6 +285,7 @@ class ClusterReport:
     dp_size: int
     nodes: list[dict[str, Any]]  # {"node": index, "hostname": str, "ranks": [global ranks]}
     tp_inside_nodes: bool
+    collective_timeout_s: float
     warnings: list[str] = field(default_factory=list)
 
     def node_of(self, rank: int) -> int:
@@ -297,7 +298,8 @@ class ClusterReport:
         tp, dp = self.tp_size, self.dp_size
         out = [f"cluster: {len(self.nodes)} node(s), {self.world_size} ranks, launcher {self.launcher}; "
                f"layout TP {tp} x PP {self.pp_size} x DP {dp}; TP groups "
-               f"{'inside nodes' if self.tp_inside_nodes else 'CROSS nodes'}"]
+               f"{'inside nodes' if self.tp_inside_nodes else 'CROSS nodes'}; collective timeout "
+               f"{self.collective_timeout_s:g} s"]
         for node in self.nodes:
             coords = " ".join(f"{r}(tp{r % tp} pp{r // (tp * dp)} dp{(r // tp) % dp})" for r in node["ranks"])
             out.append(f"  node {node['node']} [{node['hostname']}]: {len(node['ranks'])} ranks: {coords}")
@@ -319,7 +321,8 @@ def build_cluster_report(places: list[RankPlace], launcher: str, tp_size: int, p
     node_of = {r: n["node"] for n in nodes for r in n["ranks"]}
     split = [list(range(g, g + tp_size)) for g in range(0, world, tp_size)
              if len({node_of[r] for r in range(g, g + tp_size)}) > 1]
-    report = ClusterReport(launcher, world, tp_size, pp_size, world // (tp_size * pp_size), nodes, not split)
+    report = ClusterReport(launcher, world, tp_size, pp_size, world // (tp_size * pp_size), nodes, not split,
+                           collective_timeout().total_seconds())
     sizes = sorted({len(n["ranks"]) for n in nodes})
     if len(sizes) > 1:
         report.warnings.append(f"nodes hold different numbers of ranks ({sizes}): the slowest node sets the pace")
@@ -384,9 +387,9 @@ def peer_failure_message(exc: BaseException, env: ClusterEnv, checkpoint_root: s
     else:
         resume = f"Last complete checkpoint: {ckpt}; resume with --load {checkpoint_root}."
     return (f"megaclone: {where} ({socket.gethostname()}) lost contact with its peers: {first}\n"
-            f"megaclone: a rank on another node crashed, was killed, or hung for more than the collective timeout "
-            f"({timeout.total_seconds():g} s, {COLLECTIVE_TIMEOUT_ENV}); stopping this job (exit "
-            f"{EXIT_PEER_FAILURE}). {resume}")
+            f"megaclone: a rank on another node crashed, was killed, never started, or hung for more than the "
+            f"collective timeout ({timeout.total_seconds():g} s, {COLLECTIVE_TIMEOUT_ENV}); stopping this job "
+            f"(exit {EXIT_PEER_FAILURE}). {resume}")
 
 
 @contextmanager

@@ -167,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         if env is None or env.rank == 0:  # a broken environment: every rank says so
             print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 2
-    init_distributed(env)
-    try:
+    try:  # a peer that never arrives, dies or hangs: a message and exit 75 (no destroy: it could block on it)
         with cluster.exit_on_peer_failure(env, plan.cfg.checkpoint.save):
+            init_distributed(env)
             run(plan)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
