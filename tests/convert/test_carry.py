@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from megaclone.checkpoint import CheckpointError, read_manifest, resolve_checkpoint, storage_stage
-from megaclone.checkpoint.optim_state import MOMENT_KEYS, OptimStateReader, optim_file
+from megaclone.checkpoint.optim_state import MOMENT_KEYS, OptimStateReader, moment_name, optim_file
 from megaclone.convert import ConvertOptions, convert_checkpoint
 from megaclone.convert.plan import ConvertError
 from tests.train.conftest import losses
@@ -61,6 +61,27 @@ def test_resume_from_converted_checkpoint_matches(elastic_base, tmp_path: Path) 
     got = resume(elastic_base, tmp_path / "run", resolve_checkpoint(tmp_path / "conv"), tp=2, dp=1, zero=2)
     assert_same_losses(got, losses(elastic_base.run_dir))
     assert sorted(got) == list(range(SAVE_AT + 1, BASE_ITERS + 1))
+
+
+def test_carry_with_widening_scales_moments(elastic_base, tmp_path: Path) -> None:  # noqa: F811
+    """--optimizer carry --hyperclone 2: each stored moment is clone_moment of the source (m o pi / p, v o pi / p^2)."""
+    from megaclone.clone import clone_moment, widen_model_config
+    from megaclone.config import CloneConfig
+
+    opts = ConvertOptions(input=elastic_base.step_dir, output=tmp_path / "wide", tp_size=2, pp_size=1,
+                          optimizer="carry", hyperclone=2, progress=False)
+    out = convert_checkpoint(opts).output
+    src, dst = read_manifest(elastic_base.step_dir), read_manifest(out)
+    assert dst.model == widen_model_config(src.model, 2) and dst.optimizer["step"] == src.optimizer["step"]
+    clone = CloneConfig(init_from=str(elastic_base.step_dir), factor=2)
+    with OptimStateReader(elastic_base.step_dir) as ref:
+        for t in range(2):
+            stored = load_file(str(out / optim_file(t, 0)))
+            for spec in dst.params:
+                for key in MOMENT_KEYS:
+                    want = clone_moment(spec, src.model, clone, lambda n, i, k=key: ref.read_moment(n, k, i),
+                                        spec.tp_slices(t, 2), kind=key)
+                    assert torch.equal(stored[moment_name(spec.name, key)], want), (spec.name, key, t)
 
 
 def test_carry_errors(elastic_base, tmp_path: Path) -> None:  # noqa: F811
