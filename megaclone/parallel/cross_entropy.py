@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megaclone.parallel.layout import TPGroup
 from megaclone.parallel.mappings import reduce_from_tp_region
@@ -16,6 +17,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp:
     Columns at or beyond the real `vocab_size` (the padding) are excluded from the softmax, so the
     loss is the same for any TP degree and any padding multiple.
     """
+    if tp.size == 1:  # one fused pass; the general path below costs ~1.6x more at TP=1 (docs/performance.md)
+        flat = logits[..., :vocab_size].float().flatten(0, -2)
+        return F.cross_entropy(flat, labels.flatten(), reduction="none").view(labels.shape)
     logits = logits.float()
     local_vocab = logits.shape[-1]
     start = tp.rank * local_vocab
