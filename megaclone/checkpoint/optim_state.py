@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from megaclone.checkpoint.manifest import CheckpointError
-from megaclone.checkpoint.shards import ShardReader, file_digest, save_weight_shard
+from megaclone.checkpoint.shards import ShardReader, file_digest, layout_file_digests, save_weight_shard
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 OPTIM_DIR = "optim"
@@ -52,16 +52,7 @@ def save_optim_shard(path: str | Path, moments: dict[str, dict[str, torch.Tensor
 
 def optim_file_digests(ckpt_dir: str | Path, tp_size: int, pp_size: int) -> dict[str, dict[str, Any]]:
     """{relative path: {sha256, bytes}} of every optimizer-state file of a layout (all must exist)."""
-    ckpt_dir = Path(ckpt_dir)
-    out = {}
-    for pp in range(pp_size):
-        for tp in range(tp_size):
-            rel = optim_file(tp, pp)
-            if not (ckpt_dir / rel).is_file():
-                raise CheckpointError(f"missing optimizer-state file {ckpt_dir / rel} (layout tp={tp_size}, "
-                                      f"pp={pp_size})")
-            out[rel] = file_digest(ckpt_dir / rel)
-    return out
+    return layout_file_digests(ckpt_dir, tp_size, pp_size, optim_file, "optimizer-state file")
 
 
 def make_optimizer_record(step: int, scheduler: dict[str, Any], files: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +65,24 @@ def file_digest(path: str | Path) -> dict[str, Any]:
     return {"sha256": h.hexdigest(), "bytes": size}
 
 
-def weight_file_digests(ckpt_dir: str | Path, tp_size: int, pp_size: int) -> dict[str, dict[str, Any]]:
-    """The manifest's `files` entry for every weight file of a layout (all must exist)."""
-    ckpt_dir = Path(ckpt_dir)
+def layout_file_digests(ckpt_dir: str | Path, tp_size: int, pp_size: int,
+                        file_name: Callable[[int, int], str] | None = None,
+                        what: str = "shard file") -> dict[str, dict[str, Any]]:
+    """{relative path: {sha256, bytes}} of the file of every (tp, pp) rank of a layout (all must exist)."""
+    ckpt_dir, file_name = Path(ckpt_dir), file_name or weight_file
     out = {}
     for pp in range(pp_size):
         for tp in range(tp_size):
-            rel = weight_file(tp, pp)
+            rel = file_name(tp, pp)
             if not (ckpt_dir / rel).is_file():
-                raise CheckpointError(f"missing shard file {ckpt_dir / rel} (layout tp={tp_size}, pp={pp_size})")
+                raise CheckpointError(f"missing {what} {ckpt_dir / rel} (layout tp={tp_size}, pp={pp_size})")
             out[rel] = file_digest(ckpt_dir / rel)
     return out
+
+
+def weight_file_digests(ckpt_dir: str | Path, tp_size: int, pp_size: int) -> dict[str, dict[str, Any]]:
+    """The manifest's `files` entry for every weight file of a layout (all must exist)."""
+    return layout_file_digests(ckpt_dir, tp_size, pp_size)
 
 
 def local_weight_shard(cfg: ModelConfig, params: dict[str, torch.Tensor], tp_size: int, pp_rank: int,
