@@ -28,6 +28,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# What a launcher sets for its ranks; a test process must never pass its own on to a new launch.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "CROSS_RANK", "CROSS_SIZE", "NODE_RANK", "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """In-process calls of launch/pretrain.py's main() export torch's rank variables: undo that after each test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def launch(args: list[str], num_procs: int = 2, timeout: int = LAUNCH_TIMEOUT,
            check: bool = True) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N launch/pretrain.py ARGS` (plain `python` for one process); output captured.
@@ -39,11 +53,11 @@ def launch(args: list[str], num_procs: int = 2, timeout: int = LAUNCH_TIMEOUT,
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs), "--master_port",
                str(_free_port()), str(PRETRAIN), *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         output = (proc.stdout + proc.stderr)[-6000:]
-        raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n{output}")
+        raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{output}")
     return proc
 
 
