@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from megaclone.checkpoint.manifest import CheckpointError
-from megaclone.checkpoint.shards import ShardReader, file_digest, layout_file_digests, save_weight_shard
+from megaclone.checkpoint.shards import ShardReader, layout_file_digests, save_weight_shard
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 OPTIM_DIR = "optim"
@@ -91,6 +91,9 @@ class OptimStateReader(ShardReader):
     takes the stored tensor name (`moment_name(name, key)`). Only the files overlapping a slice are opened.
     """
 
+    file_kind = "optimizer-state file"
+    files_key = "optimizer.files"
+
     def __init__(self, ckpt_path: str | Path):
         super().__init__(ckpt_path)
         record = self.manifest.optimizer
@@ -111,19 +114,3 @@ class OptimStateReader(ShardReader):
         if name not in self.param_specs:
             raise CheckpointError(f"parameter {name!r} is not in checkpoint {self.path}")
         return self.read(moment_name(name, key), index)
-
-    def verify(self) -> None:
-        """Every optimizer-state file of the layout is listed, present and matches its sha256 and size."""
-        for pp in range(self.pp_size):
-            for tp in range(self.tp_size):
-                if optim_file(tp, pp) not in self.files:
-                    raise CheckpointError(f"{self.path / 'manifest.json'}: optimizer.files does not list "
-                                          f"{optim_file(tp, pp)}")
-        for rel, entry in self.files.items():
-            full = self.path / rel
-            if not full.is_file():
-                raise CheckpointError(f"missing optimizer-state file {full} (listed in the manifest)")
-            got = file_digest(full)
-            if got != {"sha256": entry["sha256"], "bytes": entry["bytes"]}:
-                raise CheckpointError(f"checksum mismatch for {full}: sha256 {got['sha256']} ({got['bytes']} bytes), "
-                                      f"manifest expects {entry['sha256']} ({entry['bytes']} bytes)")

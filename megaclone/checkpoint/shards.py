@@ -131,6 +131,9 @@ class ShardReader:
     to `accesses` as (name, file, [(start, stop) per dim within the stored tensor]).
     """
 
+    file_kind = "shard file"  # in error messages
+    files_key = "'files'"  # the manifest entry listing this reader's files
+
     def __init__(self, ckpt_path: str | Path):
         self.path: Path = resolve_checkpoint(ckpt_path)
         self.manifest: Manifest = read_manifest(self.path)
@@ -228,16 +231,16 @@ class ShardReader:
         return self.read(name, self.specs[name].tp_slices(tp_rank, tp_size))
 
     def verify(self) -> None:
-        """Check every weight file the layout needs is listed, present, and matches its sha256 and size."""
+        """Check every file the layout needs is listed, present, and matches its sha256 and size."""
         for pp in range(self.pp_size):
             for tp in range(self.tp_size):
-                rel = weight_file(tp, pp)
-                if rel not in self.manifest.files:
-                    raise CheckpointError(f"{self.path / 'manifest.json'}: 'files' does not list {rel}")
-        for rel, entry in self.manifest.files.items():
+                rel = self.file_for(tp, pp)
+                if rel not in self.files:
+                    raise CheckpointError(f"{self.path / 'manifest.json'}: {self.files_key} does not list {rel}")
+        for rel, entry in self.files.items():
             full = self.path / rel
             if not full.is_file():
-                raise CheckpointError(f"missing shard file {full} (listed in the manifest)")
+                raise CheckpointError(f"missing {self.file_kind} {full} (listed in the manifest)")
             got = file_digest(full)
             if got != {"sha256": entry["sha256"], "bytes": entry["bytes"]}:
                 raise CheckpointError(f"checksum mismatch for {full}: sha256 {got['sha256']} ({got['bytes']} bytes), "

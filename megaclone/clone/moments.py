@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from megaclone.clone.plan import Index, axis_maps, clone_factors, normalize_index
-from megaclone.clone.rules import LINEAR_ROLES, Reader, _check_against_small
+from megaclone.clone.rules import LINEAR_ROLES, Reader, _check_against_small, gather_small
 from megaclone.config import CloneConfig, ModelConfig
 from megaclone.spec import ParamSpec
 
@@ -75,21 +75,8 @@ def clone_moment(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneC
         raise ValueError(f"{wide_spec.name}: moment kind {kind!r}: expected one of {MOMENT_KINDS}")
     n, m = clone_factors(clone_cfg)
     _check_against_small(wide_spec, small_cfg, n, m)
-    name = wide_spec.name
-    ranges = normalize_index(wide_spec.shape, index, name)
+    ranges = normalize_index(wide_spec.shape, index, wide_spec.name)
     wide_idx = [torch.arange(start, stop) for start, stop in ranges]
-    if any(len(w) == 0 for w in wide_idx):
-        return torch.zeros([len(w) for w in wide_idx])
-    small_idx = [amap.small_index(w) for amap, w in zip(axis_maps(wide_spec, n, m), wide_idx)]
-    lows = [int(s.min()) for s in small_idx]
-    small_index = tuple(slice(lo, int(s.max()) + 1) for lo, s in zip(lows, small_idx))
-    small = read(name, small_index)
-    want = tuple(sl.stop - sl.start for sl in small_index)
-    if tuple(small.shape) != want:
-        raise ValueError(f"{name}: read({name!r}, {small_index}) returned a {kind} of shape "
-                         f"{list(small.shape)}, expected {list(want)}")
-    out = small.detach().to(dtype=torch.float32, device="cpu")
-    for dim, (s, lo) in enumerate(zip(small_idx, lows)):
-        out = out.index_select(dim, s - lo)  # wide element <- small element pi(i')
+    out = gather_small(wide_spec.name, axis_maps(wide_spec, n, m), wide_idx, read)
     p = carry_factors(wide_spec, small_cfg, n, m).grad_scale
     return (out / (p if kind == "exp_avg" else p * p)).contiguous()

@@ -42,19 +42,12 @@ def uses_diagonal(wide_spec: ParamSpec, factors: list[int], variant: str) -> boo
             and len(factors) == 2 and factors[0] > 1 and factors[1] > 1)
 
 
-def clone_tensor(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneConfig, read: Reader,
-                 index: Index = ()) -> torch.Tensor:
-    """The slice `index` (step-1 slices) of one widened global tensor, in fp32.
+def gather_small(name: str, maps: list, wide_idx: list[torch.Tensor], read: Reader) -> torch.Tensor:
+    """out[i'] = small[pi(i')] in fp32 for the wide indices `wide_idx`, reading the small tensor once.
 
-    Calls `read(name, small_index)` once, for the tight contiguous small range the slice copies
-    (a target TP shard reads exactly the small units its copies come from, nothing else).
+    The read is the tight contiguous small range the indices copy, so a target shard reads only the small
+    units its copies come from. Shared by the weights' and the Adam moments' rules.
     """
-    n, m = clone_factors(clone_cfg)
-    _check_against_small(wide_spec, small_cfg, n, m)
-    name = wide_spec.name
-    ranges = normalize_index(wide_spec.shape, index, name)
-    maps = axis_maps(wide_spec, n, m)
-    wide_idx = [torch.arange(start, stop) for start, stop in ranges]
     if any(len(w) == 0 for w in wide_idx):
         return torch.zeros([len(w) for w in wide_idx])
     small_idx = [amap.small_index(w) for amap, w in zip(maps, wide_idx)]
@@ -68,6 +61,24 @@ def clone_tensor(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneC
     out = small.detach().to(dtype=torch.float32, device="cpu")
     for dim, (s, lo) in enumerate(zip(small_idx, lows)):
         out = out.index_select(dim, s - lo)  # gather along this axis: wide element <- small element pi(i')
+    return out
+
+
+def clone_tensor(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneConfig, read: Reader,
+                 index: Index = ()) -> torch.Tensor:
+    """The slice `index` (step-1 slices) of one widened global tensor, in fp32.
+
+    Calls `read(name, small_index)` once, for the tight contiguous small range the slice copies
+    (a target TP shard reads exactly the small units its copies come from, nothing else).
+    """
+    n, m = clone_factors(clone_cfg)
+    _check_against_small(wide_spec, small_cfg, n, m)
+    ranges = normalize_index(wide_spec.shape, index, wide_spec.name)
+    maps = axis_maps(wide_spec, n, m)
+    wide_idx = [torch.arange(start, stop) for start, stop in ranges]
+    out = gather_small(wide_spec.name, maps, wide_idx, read)
+    if out.numel() == 0:
+        return out
 
     factors = [amap.factor for amap in maps]
     role = wide_spec.role
