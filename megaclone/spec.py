@@ -109,6 +109,23 @@ class ParamSpec:
                          d["layer"], d["tp_axis"])
 
 
+def normalize_index(shape: tuple[int, ...], index: tuple[slice, ...] | slice, name: str) -> list[tuple[int, int]]:
+    """[start, stop) per dimension of a step-1 slice index into a tensor of `shape` (missing dims: whole axis)."""
+    index = (index,) if isinstance(index, slice) else tuple(index)
+    if len(index) > len(shape):
+        raise ValueError(f"{name}: index {index} has more entries than the {len(shape)} dimensions of {list(shape)}")
+    ranges = []
+    for dim, size in enumerate(shape):
+        sl = index[dim] if dim < len(index) else slice(None)
+        if not isinstance(sl, slice):
+            raise ValueError(f"{name}: index entry {sl!r} in dimension {dim} must be a slice")
+        start, stop, step = sl.indices(size)
+        if step != 1:
+            raise ValueError(f"{name}: slice {sl} in dimension {dim} must have step 1 (step-1 slices only)")
+        ranges.append((start, max(start, stop)))
+    return ranges
+
+
 def build_param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """All parameters of the model in a fixed order (pipeline layer, then module order)."""
     d, L = cfg.hidden_size, cfg.num_layers

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from megaclone.checkpoint.manifest import CheckpointError, Manifest, read_manifest, resolve_checkpoint
 from megaclone.config import ModelConfig
-from megaclone.spec import ParamSpec, build_param_specs, stages_of
+from megaclone.spec import ParamSpec, build_param_specs, normalize_index, stages_of
 
 Index = tuple[slice, ...]
 
@@ -104,24 +104,6 @@ def local_weight_shard(cfg: ModelConfig, params: dict[str, torch.Tensor], tp_siz
                              f"at tp_size={tp_size}")
         out[name] = t
     return out
-
-
-def _normalize_index(spec: ParamSpec, index: Index | slice) -> list[tuple[int, int]]:
-    """[start, stop) per dimension of the global tensor; only step-1 slices are accepted."""
-    if isinstance(index, slice):
-        index = (index,)
-    if len(index) > len(spec.shape):
-        raise ValueError(f"{spec.name}: index {index} has more entries than the {len(spec.shape)} dimensions")
-    ranges = []
-    for dim, size in enumerate(spec.shape):
-        sl = index[dim] if dim < len(index) else slice(None)
-        if not isinstance(sl, slice):
-            raise ValueError(f"{spec.name}: index entry {sl!r} in dimension {dim} must be a slice")
-        start, stop, step = sl.indices(size)
-        if step != 1:
-            raise ValueError(f"{spec.name}: slice {sl} in dimension {dim} must have step 1")
-        ranges.append((start, max(start, stop)))
-    return ranges
 
 
 class ShardReader:
@@ -209,7 +191,7 @@ class ShardReader:
         if spec is None:
             raise CheckpointError(f"parameter {name!r} is not in checkpoint {self.path} "
                                   f"({len(self.specs)} parameters in its manifest)")
-        ranges = _normalize_index(spec, index)
+        ranges = normalize_index(spec.shape, index, spec.name)
         stage = storage_stage(spec, self.config, self.pp_size)
         ax = spec.tp_axis
         if ax is None:  # replicated: every TP file holds it, read the first

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from megaclone.clone.plan import Index, axis_maps, clone_factors, normalize_index
+from megaclone.clone.plan import Index, axis_maps, clone_factors
 from megaclone.clone.rules import LINEAR_ROLES, Reader, _check_against_small, gather_small
 from megaclone.config import CloneConfig, ModelConfig
-from megaclone.spec import ParamSpec
+from megaclone.spec import ParamSpec, normalize_index
 
 MOMENT_KINDS = ("exp_avg", "exp_avg_sq")
 

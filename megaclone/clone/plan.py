@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from megaclone.config import CloneConfig, ModelConfig
-from megaclone.spec import Axis, ParamSpec
+from megaclone.spec import Axis, ParamSpec, normalize_index
 
 VARIANTS = ("symmetric", "diagonal")
 Index = tuple[slice, ...]
@@ -90,22 +90,6 @@ def small_spec_of(wide_spec: ParamSpec, n: int, m: int) -> ParamSpec:
                              f"factor {f}")
         axes.append(Axis(a.kind, a.num_units // f, a.unit_size))
     return dataclasses.replace(wide_spec, axes=tuple(axes))
-
-
-def normalize_index(shape: tuple[int, ...], index: Index, name: str) -> list[tuple[int, int]]:
-    """[start, stop) per dimension of a step-1 slice index (missing trailing dims mean the whole axis)."""
-    index = tuple(index)
-    if len(index) > len(shape):
-        raise ValueError(f"{name}: index {index} has more dimensions than the shape {list(shape)}")
-    ranges = []
-    for size, sl in zip(shape, index + (slice(None),) * (len(shape) - len(index))):
-        if not isinstance(sl, slice):
-            raise ValueError(f"{name}: index {index} must contain only slices, got {sl!r}")
-        start, stop, step = sl.indices(size)
-        if step != 1:
-            raise ValueError(f"{name}: index {index} must use step-1 slices")
-        ranges.append((start, max(start, stop)))
-    return ranges
 
 
 def small_read_ranges(wide_spec: ParamSpec, n: int, m: int, index: Index = ()) -> list[tuple[int, int]]:

@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 
 from megaclone.clone.noise import noise_applies, noise_scale, zero_sum_noise
-from megaclone.clone.plan import Index, axis_maps, clone_factors, normalize_index, small_spec_of
+from megaclone.clone.plan import Index, axis_maps, clone_factors, small_spec_of
 from megaclone.config import CloneConfig, ModelConfig
-from megaclone.spec import ParamSpec, spec_table
+from megaclone.spec import ParamSpec, normalize_index, spec_table
 
 LINEAR_ROLES = ("qkv", "attn_out", "mlp_in", "mlp_gate_up", "mlp_out", "lm_head")
 Reader = Callable[[str, Index], torch.Tensor]  # read(small_name, small_index) -> that slice of the small tensor

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from megaclone.checkpoint import CheckpointError, Manifest, ShardReader, read_manifest, write_weights_checkpoint
-from megaclone.clone.plan import normalize_index
 from megaclone.config import ParallelConfig
 from megaclone.hf.families import FAMILIES, config_from_hf, config_to_hf, infer_family
 from megaclone.hf.files import (
@@ -30,7 +29,7 @@ from megaclone.hf.files import (
     write_hf_dir,
 )
 from megaclone.hf.tensors import IGNORED_SUFFIXES, assemble, hf_tensor_shapes, tensor_map
-from megaclone.spec import spec_table
+from megaclone.spec import normalize_index, spec_table
 
 PROVENANCE_KEY = "hf_import"
 _TIED_HEADS = ("lm_head.weight", "embed_out.weight")  # HF ties these to the embedding; a stored copy is unused
