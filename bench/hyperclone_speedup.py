@@ -120,13 +120,22 @@ def launch(run_dir: Path, args: list[str], launcher: str, log_file: Path) -> flo
     prefix = ["deepspeed", "--num_gpus", "2"] if launcher == "deepspeed" else [sys.executable]
     cmd = ["nice", "-n", "10", *prefix, str(ROOT / "launch" / "pretrain.py"), "--run-dir", str(run_dir), *args]
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
-    start = time.time()
-    with open(log_file, "w") as out:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
-    wall = time.time() - start
-    if rc != 0 or not finished(run_dir):
+    for attempt in (1, 2):  # one retry: a two-hour benchmark should not die of one flaky launch
+        start = time.time()
+        with open(log_file, "w") as out:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+        wall = time.time() - start
+        if rc == 0 and finished(run_dir):
+            break
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"run {run_dir} failed (exit {rc}); last lines of {log_file}:\n{tail}")
+        if attempt == 2:
+            raise RuntimeError(f"run {run_dir} failed twice (exit {rc}); last lines of {log_file}:\n{tail}")
+        log_file.rename(log_file.with_suffix(".failed.log"))
+        print(f"  run {run_dir.name} failed (exit {rc}; log kept as {log_file.with_suffix('.failed.log').name}), "
+              "retrying once", flush=True)
+        shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     (run_dir / "wall_seconds.txt").write_text(f"{wall:.1f}\n")
     print(f"  done  {run_dir.name}: {wall:.0f} s", flush=True)
     return wall

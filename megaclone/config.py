@@ -243,6 +243,12 @@ class CloneConfig:
     seed: int = 0
     optimizer: str = "fresh"  # fresh: new optimizer at step 0 (the paper's recipe) | carry: resume the small run's
     lr_transition: int | None = None  # carry: steps from the exact-continuation values to the run's; None: never
+    data: str | None = None  # continue: read on from the small run's data position | restart: from the start;
+    # None: continue with carry (a continuation of training), restart with fresh (a new run, the paper's recipe)
+
+    @property
+    def continues_data(self) -> bool:
+        return (self.data or ("continue" if self.optimizer == "carry" else "restart")) == "continue"
 
     def validate(self) -> None:
         if self.factor and not self.init_from:
@@ -261,6 +267,8 @@ class CloneConfig:
         if self.lr_transition is not None and (self.optimizer != "carry" or self.lr_transition < 0):
             raise ConfigError(f"clone.lr_transition (--hyperclone-lr-transition) = {self.lr_transition}: needs "
                               f"clone.optimizer='carry' (got {self.optimizer!r}) and a number of steps >= 0")
+        if self.data not in (None, "continue", "restart"):
+            raise ConfigError(f"clone.data (--hyperclone-data) = {self.data!r}: expected 'continue' or 'restart'")
 
 
 @dataclass

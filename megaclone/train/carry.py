@@ -304,6 +304,7 @@ def carry_optimizer_state(engine: Any, module: nn.Module, cfg: RunConfig, layout
     from megaclone.checkpoint.optim_state import MOMENT_KEYS, OptimStateReader
     from megaclone.clone import clone_moment
     from megaclone.model import global_named_parameters
+    from megaclone.train.cloning import continue_data_position
     from megaclone.train.state_io import set_moments
 
     params = global_named_parameters(module, cfg.model)
@@ -318,11 +319,8 @@ def carry_optimizer_state(engine: Any, module: nn.Module, cfg: RunConfig, layout
                              for key in MOMENT_KEYS}
         adam_step, manifest = reader.step, reader.manifest
     set_moments(engine, params, moments, adam_step)
-    if manifest.data:
-        try:
-            sampler.load_state_dict(manifest.data)
-        except ValueError as e:
-            log.warning(f"data position of {manifest.step} steps not carried ({e}); the wide run reads its own order")
+    if cfg.clone.continues_data:
+        continue_data_position(sampler, manifest)
     engine.global_steps = manifest.step
     engine.global_samples = manifest.step * engine.train_batch_size()
     return manifest.step

@@ -64,6 +64,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--hyperclone-lr-transition", type=_factor(0), metavar="STEPS",
                    help="carry: move each group to the run's own lr, eps and weight decay over STEPS steps "
                         "(0: at once; default: never)")
+    g.add_argument("--hyperclone-data", choices=("continue", "restart"),
+                   help="continue: read on from the small run's data position (default with carry); restart: read "
+                        "the corpus from its start (default with fresh)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     return p
 
@@ -104,7 +107,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, dict]:
              ("clone", "ffn_factor"): args.hyperclone_ffn, ("clone", "variant"): args.clone_variant,
              ("clone", "noise_db"): args.clone_noise_db, ("clone", "seed"): args.clone_seed,
              ("clone", "optimizer"): args.hyperclone_optimizer,
-             ("clone", "lr_transition"): args.hyperclone_lr_transition}
+             ("clone", "lr_transition"): args.hyperclone_lr_transition, ("clone", "data"): args.hyperclone_data}
     out: dict[str, dict] = {}
     for (section, key), value in flags.items():
         if value is not None:

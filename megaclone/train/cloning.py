@@ -52,7 +52,22 @@ class CloneSource:
             "source": str(self.path.resolve()), "source_step": self.manifest.step,
             "source_layout": dict(self.manifest.layout), "source_model": dataclasses.asdict(self.manifest.model),
             "factor": n, "ffn_factor": m, "variant": self.clone.variant, "noise_db": self.clone.noise_db,
-            "seed": self.clone.seed, "optimizer": self.clone.optimizer, "lr_transition": self.clone.lr_transition}}
+            "seed": self.clone.seed, "optimizer": self.clone.optimizer, "lr_transition": self.clone.lr_transition,
+            "data": "continue" if self.clone.continues_data else "restart"}}
+
+
+def continue_data_position(sampler: Any, manifest: Manifest) -> None:
+    """Read on from the small run's position in the sample stream, so the wide run sees data the small one has
+    not. A different corpus, seed or no recorded position: a warning, and the wide run reads its own order."""
+    if not manifest.data:
+        log.warning("the small checkpoint records no data position; the wide run reads the corpus from its start")
+        return
+    try:
+        sampler.load_state_dict(manifest.data)
+    except ValueError as e:
+        log.warning(f"data position of {manifest.step} steps not carried ({e}); the wide run reads its own order")
+        return
+    log.info(f"data: continuing after the small run's {sampler.consumed_samples} samples")
 
 
 def plan_clone(clone: CloneConfig, parallel: ParallelConfig, world_size: int) -> CloneSource:

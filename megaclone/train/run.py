@@ -30,7 +30,13 @@ from megaclone.train.checkpointing import (
     save_training_checkpoint,
 )
 from megaclone.train.cli import RunPlan, build_plan, parse_args
-from megaclone.train.cloning import build_rank_clone, check_preservation, inject_fp32_masters, symmetry_monitor
+from megaclone.train.cloning import (
+    build_rank_clone,
+    check_preservation,
+    continue_data_position,
+    inject_fp32_masters,
+    symmetry_monitor,
+)
 from megaclone.train.dataset import eval_batches, open_data, prepare_data_on_rank0
 from megaclone.train.engine import build_engine, build_model, device_for
 from megaclone.train.logging import MetricsLogger, setup_console_logging
@@ -92,6 +98,8 @@ def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, devic
         engine = build_engine(cfg, layout, module, device)
     if clone_tensors is not None and cfg.train.precision != "fp32":
         inject_fp32_masters(engine, module, cfg.model, clone_tensors)
+    if plan.clone is not None and cfg.clone.continues_data:  # a fresh optimizer, reading on where the small run was
+        continue_data_position(sampler, plan.clone.manifest)
     if plan.resume is None or weight_only:
         return engine, module, 0
     cluster.check_same_checkpoint(plan.resume_path, plan.resume.step)  # node-local copies may disagree
@@ -167,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         if env is None or env.rank == 0:  # a broken environment: every rank says so
             print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 2
-    try:  # a peer that never arrives, dies or hangs: a message and exit 75 (no destroy: it could block on it)
-        with cluster.exit_on_peer_failure(env, plan.cfg.checkpoint.save):
-            init_distributed(env)
-            run(plan)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with cluster.exit_on_peer_failure(env, plan.cfg.checkpoint.save):  # a lost peer: a message and exit 75
+        init_distributed(env)
+        run(plan)
+        # Only after success (a failed rank's peers may be inside a collective, and a destroy could block on them),
+        # and together: a rank that tears gloo down while a peer's last collective is still in flight can abort
+        # at exit ("terminate called without an active exception") after a complete run.
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 

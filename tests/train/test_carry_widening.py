@@ -292,6 +292,13 @@ def test_flags_and_refusals(small_run) -> None:
                                   "--train-iters", "40"]), 2)
     assert (plan.cfg.clone.optimizer, plan.cfg.clone.lr_transition) == ("carry", 5)
     assert build_plan(parse_args(base), 2).cfg.clone.optimizer == "fresh"
+    # carry reads on from the small run's data position, fresh restarts the corpus, unless --hyperclone-data says
+    assert plan.cfg.clone.continues_data and not build_plan(parse_args(base), 2).cfg.clone.continues_data
+    assert build_plan(parse_args([*base, "--hyperclone-data", "continue"]), 2).cfg.clone.continues_data
+    assert not build_plan(parse_args([*base, "--hyperclone-optimizer", "carry", "--hyperclone-data", "restart",
+                                      "--train-iters", "40"]), 2).cfg.clone.continues_data
+    with pytest.raises(ConfigError, match="clone.data"):
+        CloneConfig(init_from="x", factor=2, data="rewind").validate()
     with pytest.raises(ConfigError, match="--hyperclone-lr-transition"):
         build_plan(parse_args([*base, "--hyperclone-lr-transition", "5"]), 2)
     with pytest.raises(ConfigError, match="zero_stage=3"):

@@ -85,3 +85,21 @@ def test_train_iters_0_writes_widened_checkpoint(small_run: SmallRun, tmp_path: 
         assert 1e-5 < clone["preservation_rel_error"] < 5e-2
     else:
         assert clone["preservation_rel_error"] <= 1e-5
+
+
+def test_fresh_clone_reads_on_from_the_small_runs_data_position(small_run: SmallRun, tmp_path: Path) -> None:
+    """`--hyperclone-data continue`: the widened model (noise-free, so the small one's function) sees on its first
+    step the batch the small run trained on after its checkpoint, so its loss is the small run's loss there.
+    The default of a fresh optimizer restarts the corpus: another batch, another loss."""
+    source = small_run.ckpt / "step_00000015"
+    small = {r["step"]: r["loss"] for r in metrics(small_run.run_dir, "train")}
+
+    def first_loss(run_dir: Path, *args: str) -> float:
+        launch(["--init-from", str(source), "--hyperclone", "2", "--config", TINY, "--run-dir", str(run_dir),
+                "--train-iters", "1", *args, *small_run.data_args(), "train.eval_interval=0"], num_procs=1)
+        (record,) = metrics(run_dir, "train")
+        assert record["step"] == 1
+        return record["loss"]
+
+    assert first_loss(tmp_path / "continue", "--hyperclone-data", "continue") == pytest.approx(small[16], rel=1e-5)
+    assert abs(first_loss(tmp_path / "restart") - small[16]) > 1e-3
