@@ -18,6 +18,11 @@
 
     nice -n 10 python bench/hyperclone_speedup.py --quick            # minutes: proves the pipeline end to end
     nohup nice -n 10 python bench/hyperclone_speedup.py > runs/hyperclone_speedup.log 2>&1 &   # the full run
+    python bench/hyperclone_speedup.py --gpu --variants sym+0dB diag+0dB   # one H100/H200 (needs deepspeed there)
+
+The GPU variant trains S (GPT-2 small's shape, 125M, seq 512, 32 sequences/step, bf16) 1500 steps and compares
+wide runs (d=1536, about 420M) of 300 steps; each run is one `python launch/pretrain.py` process on the GPU.
+Budget roughly 2-3 minutes per wide run on an H100: choose --variants to fit the time there.
 
 Finished runs (metrics.jsonl with an "end" record) are reused, so a stopped full run continues where it stopped.
 """
@@ -39,6 +44,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from report import write_section  # noqa: E402
 
 from megaclone.clone import widen_model_config  # noqa: E402
 from megaclone.config import model_config_from_dict  # noqa: E402
@@ -52,6 +60,11 @@ SEQ_LEN = 128
 GLOBAL_BATCH = 8  # sequences per optimizer step, whatever the number of processes
 TOKENS_PER_STEP = GLOBAL_BATCH * SEQ_LEN
 VOCAB = 1024
+PRECISION = "fp32"
+# --gpu: the same study at about 125M -> 420M parameters (GPT-2 small's shape widened x2) on one GPU, bf16.
+GPU_SHAPE = {"SMALL_MODEL": {"vocab_size": 0, "vocab_multiple": 128, "hidden_size": 768, "num_layers": 12,
+                             "num_heads": 12, "max_seq_len": 512, "dropout": 0.0},
+             "SEQ_LEN": 512, "GLOBAL_BATCH": 32, "TOKENS_PER_STEP": 32 * 512, "VOCAB": 8192, "PRECISION": "bf16"}
 
 # name -> (extra launch flags, extra --set overrides); None flags: random init at the wide size.
 VARIANTS: dict[str, tuple[list[str] | None, list[str]]] = {
@@ -80,6 +93,8 @@ class Budget:
 
 FULL = Budget(small_iters=2000, small_lr=3e-3, small_eval_interval=100, wide_iters=400, wide_eval_interval=20,
               eval_iters=8, lrs=(1e-3, 2e-3, 4e-3), seeds=(0, 1, 2))
+GPU = Budget(small_iters=1500, small_lr=1e-3, small_eval_interval=100, wide_iters=300, wide_eval_interval=25,
+             eval_iters=8, lrs=(3e-4, 6e-4, 1.2e-3), seeds=(0, 1))
 QUICK = Budget(small_iters=40, small_lr=3e-3, small_eval_interval=10, wide_iters=12, wide_eval_interval=4,
                eval_iters=2, lrs=(2e-3, 4e-3), seeds=(0, 1))
 
@@ -88,7 +103,7 @@ def train_section(budget: Budget, iters: int, lr: float, seed: int, eval_interva
     """Warmup 5% then cosine to lr/10: the same shape for every wide run, only the peak differs."""
     return {"seed": seed, "micro_batch_size": GLOBAL_BATCH // nprocs, "grad_accum_steps": 1, "train_iters": iters,
             "lr": lr, "min_lr": lr / 10, "warmup_iters": max(1, iters // 20), "weight_decay": 0.1,
-            "grad_clip": 1.0, "precision": "fp32", "eval_interval": eval_interval, "eval_iters": budget.eval_iters,
+            "grad_clip": 1.0, "precision": PRECISION, "eval_interval": eval_interval, "eval_iters": budget.eval_iters,
             "log_interval": max(1, iters // 10)}
 
 
@@ -281,7 +296,7 @@ def plot(curves: dict[str, dict], best: dict[str, float], budget: Budget, small:
 
     fig, (ax_s, ax_w, ax_a) = plt.subplots(1, 3, figsize=(18, 5.5))
     ax_s.plot(small["tokens"], small["loss"], "k.-")
-    ax_s.set(title="S (d=64): held-out loss", xlabel="tokens", ylabel="held-out loss")
+    ax_s.set(title=f"S (d={SMALL_MODEL['hidden_size']}): held-out loss", xlabel="tokens", ylabel="held-out loss")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (variant, lr) in enumerate(best.items()):
         for j, seed in enumerate(budget.seeds):
@@ -292,7 +307,7 @@ def plot(curves: dict[str, dict], best: dict[str, float], budget: Budget, small:
             if variant != "random":
                 ax_a.plot(c["tokens"], [a if a is not None else math.nan for a in c["asymmetry"]],
                           color=colors[i % len(colors)], alpha=0.8, label=label if j == 0 else None)
-    ax_w.set(title=f"wide (d={64 * FACTOR}): held-out loss, {len(budget.seeds)} seeds",
+    ax_w.set(title=f"wide (d={SMALL_MODEL['hidden_size'] * FACTOR}): held-out loss, {len(budget.seeds)} seeds",
              xlabel="wide-model tokens", ylabel="held-out loss")
     ax_w.legend(fontsize=8)
     ax_a.set(title="copy asymmetry (1 - clone_similarity)", xlabel="wide-model tokens", yscale="symlog")
@@ -313,23 +328,26 @@ def _fmt(d: dict, digits: int = 3) -> str:
     return text + (f" ({d['n']}/{d['of']} seeds)" if d["n"] < d["of"] else "")
 
 
-def write_report(path: Path, rows: dict, small_info: dict, budget: Budget, quick: bool, command: str,
+def write_report(path: Path, name: str, rows: dict, small_info: dict, budget: Budget, quick: bool, command: str,
                  machine: str, timings: dict, verdict_lines: list[str]) -> None:
-    lines = ["# HyperCloning speedup (bench/hyperclone_speedup.py)", ""]
+    lines = [f"## HyperCloning speedup{' on a GPU' if name.endswith('_gpu') else ''} (bench/hyperclone_speedup.py)",
+             ""]
     if quick:
         lines += ["**QUICK RUN: a few steps per run to prove the pipeline end to end. The numbers below mean nothing "
                   "about HyperCloning; the full run is `python bench/hyperclone_speedup.py` (about 2 hours).**", ""]
     lines += [f"Command: `{command}`", "", f"Machine: {machine}", "",
-              f"S: d=64, 4 layers, 4 heads, vocab {VOCAB}, seq {SEQ_LEN}, {GLOBAL_BATCH} sequences/step, "
+              f"S: d={SMALL_MODEL['hidden_size']}, {SMALL_MODEL['num_layers']} layers, {SMALL_MODEL['num_heads']} "
+              f"heads, vocab {VOCAB}, seq {SEQ_LEN}, {GLOBAL_BATCH} sequences/step, {PRECISION}, "
               f"{budget.small_iters} steps at lr {budget.small_lr:g} ({small_info['tokens']:,} tokens); held-out "
               f"loss {small_info['first']:.4f} -> {small_info['final']:.4f}; over the last 20% of its steps it fell "
               f"{small_info['late_drop']:.4f} ({small_info['late_drop_rel']:.2%}).", "",
-              f"Wide: the x{FACTOR} widening (d={64 * FACTOR}, 8 heads), {budget.wide_iters} steps "
+              f"Wide: the x{FACTOR} widening (d={SMALL_MODEL['hidden_size'] * FACTOR}, "
+              f"{SMALL_MODEL['num_heads'] * FACTOR} heads), {budget.wide_iters} steps "
               f"({budget.wide_iters * TOKENS_PER_STEP:,} tokens), warmup 5% + cosine to lr/10, the same batches "
               f"for every run of a seed; fresh AdamW for every clone. Learning rates swept on seed 0: "
               f"{', '.join(f'{x:g}' for x in budget.lrs)}; seeds {', '.join(map(str, budget.seeds))}.", "",
               "S-equivalent = the noise-free symmetric clone (identical function to S under the clone-equivalent "
-              "schedule; see the docstring of the bench for why it is not a d=64 run: the CLI has no per-parameter "
+              "schedule; see the docstring of the bench for why it is not a run of S: the CLI has no per-parameter "
               "lr/weight-decay multiplier).", "",
               "Values: mean ± std over seeds. Speedup: wide tokens random init needed for its final loss / tokens "
               "the run needed (linear interpolation between evaluations); 'with S FLOPs/tokens': S's training "
@@ -343,20 +361,21 @@ def write_report(path: Path, rows: dict, small_info: dict, budget: Budget, quick
         lines.append(f"| {variant} | {r['lr']:g}{edge} ({sweep}) | {_fmt(r['final_loss'], 4)} | {_fmt(r['speedup'], 2)}"
                      f" | {_fmt(r['speedup_with_s_flops'], 2)} | {_fmt(r['speedup_with_s_tokens'], 2)} | "
                      f"{_fmt(r['gain_over_s_equivalent'], 4)} | {asym} |")
-    lines += ["", "![held-out loss curves](results/hyperclone_speedup.png)", "",
-              "Raw curves: [results/hyperclone_speedup.json](results/hyperclone_speedup.json).", "",
-              "## Verdict", "", *verdict_lines, "",
-              "## Timing", "", *[f"- {k}: {v}" for k, v in timings.items()], ""]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    lines += ["", f"![held-out loss curves](results/{name}.png)", "",
+              f"Raw curves: [results/{name}.json](results/{name}.json).", "",
+              "### Verdict", "", *verdict_lines, "",
+              "### Timing", "", *[f"- {k}: {v}" for k, v in timings.items()], ""]
+    write_section(path, name, lines)
 
 
 def machine_line(launcher: str) -> str:
     load = os.getloadavg()
+    import torch
+
     procs = "deepspeed --num_gpus 2: 2 processes, DP=2" if launcher == "deepspeed" else "python: 1 process"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-            f"{platform.python_version()}, no GPU; runs as {procs}, "
+            f"{platform.python_version()}, {gpu}; runs as {procs}, "
             f"one at a time under nice -n 10; load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
             "(the machine is shared with other jobs, so wall times are noisy)")
 
@@ -369,10 +388,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="deepspeed --num_gpus 2 (DP=2: measured faster per step here; the default) or one python "
                         "process (starts faster: the default of --quick, whose runs are a few steps)")
     p.add_argument("--docs", default=str(ROOT / "docs"), help="where results.md and results/ go")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU variant: S of 125M parameters widened to about 420M, bf16, one process on one GPU")
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
+                   help="run types to compare (random and symmetric are always run: the baseline and S-equivalent)")
     args = p.parse_args(argv)
-    budget = QUICK if args.quick else FULL
-    args.launcher = args.launcher or ("python" if args.quick else "deepspeed")
-    root = Path(args.root or ROOT / "runs" / ("hyperclone_speedup_quick" if args.quick else "hyperclone_speedup"))
+    name = "hyperclone_speedup" + ("_gpu" if args.gpu else "")
+    if args.gpu:
+        globals().update(GPU_SHAPE)
+    budget = QUICK if args.quick else GPU if args.gpu else FULL
+    args.launcher = args.launcher or ("python" if args.quick or args.gpu else "deepspeed")
+    root = Path(args.root or ROOT / "runs" / (name + ("_quick" if args.quick else "")))
+    variants = [v for v in VARIANTS if v in {"random", S_EQUIVALENT, *args.variants}]
     nprocs = 2 if args.launcher == "deepspeed" else 1
     (root / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -380,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     small_dir = train_small(root, budget, args.launcher, nprocs)
     curves: dict[str, dict] = {}
     sweep: dict[str, dict[float, float]] = {}
-    for variant in VARIANTS:  # learning-rate sweep, seed 0
+    for variant in variants:  # learning-rate sweep, seed 0
         for lr in budget.lrs:
             print(f"[{time.strftime('%H:%M:%S')}] sweep {variant} lr {lr:g}", flush=True)
             run_dir = run_wide(root, budget, variant, lr, budget.seeds[0], args.launcher, nprocs)
@@ -404,22 +431,21 @@ def main(argv: list[str] | None = None) -> int:
     verdict_lines = verdict(rows)
     docs = Path(args.docs)
     (docs / "results").mkdir(parents=True, exist_ok=True)
-    plot(curves, best, budget, small, docs / "results" / "hyperclone_speedup.png")
+    plot(curves, best, budget, small, docs / "results" / f"{name}.png")
     raw = {"quick": args.quick, "budget": asdict(budget), "tokens_per_step": TOKENS_PER_STEP, "small": small,
            "small_summary": small_info, "best_lr": best, "rows": rows, "curves": curves}
-    tmp = docs / "results" / "hyperclone_speedup.json.tmp"
+    tmp = docs / "results" / f"{name}.json.tmp"
     tmp.write_text(json.dumps(raw, indent=1))
-    os.replace(tmp, docs / "results" / "hyperclone_speedup.json")
-    command = "nice -n 10 python bench/hyperclone_speedup.py" + (" --quick" if args.quick else "") + \
-        f" --launcher {args.launcher}"
+    os.replace(tmp, docs / "results" / f"{name}.json")
+    command = "python bench/hyperclone_speedup.py " + " ".join(argv if argv is not None else sys.argv[1:])
     total = time.time() - t0
     walls = [recorded_wall(root / "wide" / name) for name in curves]
     timings = {"S training (wall, incl. launch)": f"{recorded_wall(small_dir):.0f} s",
                "wide runs (wall, incl. launch)": f"{sum(walls):.0f} s in all, {statistics.median(walls):.0f} s median",
                "this invocation (wall; finished runs are reused)": f"{total:.0f} s",
                "runs": f"1 S + {len(curves)} wide"}
-    write_report(docs / "results.md", rows, small_info, budget, args.quick, command, machine_line(args.launcher),
-                 timings, verdict_lines)
+    write_report(docs / "results.md", name, rows, small_info, budget, args.quick, command,
+                 machine_line(args.launcher), timings, verdict_lines)
     print("\n".join(verdict_lines))
     print(f"[{time.strftime('%H:%M:%S')}] wrote {docs / 'results.md'} ({total:.0f} s)")
     return 0

@@ -1,0 +1,203 @@
+"""Widening as a continuation of training: held-out loss for the first steps after a x2 HyperCloning widening.
+
+On the bundled corpus, through `launch/pretrain.py` as a user runs it (one process per run, fp32, ZeRO-1):
+
+  S    the small model (d=64, 4 layers) trained K + AFTER steps on one warmup + cosine schedule, saving at step K.
+       Its steps K..K+AFTER are (d), the counterfactual: the small model continued on the same batches with its own
+       schedule (DeepSpeed resumes bit for bit, so the uninterrupted run is the continued run).
+  (a)  fresh:  --hyperclone 2 --hyperclone-optimizer fresh --hyperclone-data continue: a new AdamW, warmup 5% of
+       AFTER steps to the learning rate S had at step K, cosine to S's min_lr at AFTER steps (the paper's recipe,
+       on the same batches as (d)).
+  (b)  carry + transition: --hyperclone-optimizer carry --hyperclone-lr-transition T: S's Adam moments, step and
+       schedule position, the exact-continuation lr / eps / weight decay per group, moved to the wide run's own
+       values (the same schedule as S, in the wide model's units) over T steps.
+  (c)  carry, immediate jump: --hyperclone-lr-transition 0.
+
+Every run evaluates the same fixed held-out batches every EVAL steps. Reported per run: the largest rise of the
+held-out loss above its value at the widening point, the largest relative gap above (d) at the same step, and the
+loss at the last step; the curves go to one PNG. Goal (issue #5): (b) never more than 0.2% above (d), and at the end
+at least as low as (a).
+
+    python bench/carry_transition.py                       # about 15 minutes on 2 cores
+    python bench/carry_transition.py --widen-at 40 --after 20 --root /tmp/ct   # a minute: the pipeline
+    python bench/carry_transition.py --noise-db 10 --transitions 50 100 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from hyperclone_speedup import SEQ_LEN, SMALL_MODEL, VOCAB, launch, machine_line, wide_model, write_config  # noqa: E402
+from report import write_section  # noqa: E402
+
+from megaclone.train import read_metrics  # noqa: E402
+from megaclone.train.optim import lr_factor  # noqa: E402
+
+EVAL = 10  # steps between evaluations
+BATCH = 8  # sequences per step, one process
+GOAL_GAP = 0.002  # (b) may fall behind (d) by at most 0.2%
+
+
+def schedule(iters: int, lr: float, min_lr: float, warmup: int, seed: int, eval_iters: int) -> dict:
+    return {"seed": seed, "micro_batch_size": BATCH, "grad_accum_steps": 1, "train_iters": iters, "lr": lr,
+            "min_lr": min_lr, "warmup_iters": warmup, "weight_decay": 0.1, "grad_clip": 1.0, "precision": "fp32",
+            "eval_interval": EVAL, "eval_iters": eval_iters, "log_interval": 50}
+
+
+def run_config(root: Path, name: str, model: dict, train: dict, data_prefix: str, save: str = "",
+               save_interval: int = 0) -> Path:
+    return write_config(root / "configs" / f"{name}.yaml", {
+        "model": model, "parallel": {"tp_size": 1, "pp_size": 1, "zero_stage": 1}, "train": train,
+        "data": {"data_prefix": data_prefix, "seq_len": SEQ_LEN, "vocab_size": VOCAB},
+        "checkpoint": {"save": save, "save_interval": save_interval}})
+
+
+def held_out(run_dir: Path, offset: int) -> dict[int, float]:
+    """{steps after the widening: held-out loss} of one run."""
+    return {e["step"] - offset: e["eval_loss"] for e in read_metrics(run_dir, "eval")}
+
+
+def summarize(curve: dict[int, float], counterfactual: dict[int, float]) -> dict:
+    steps = sorted(s for s in curve if s in counterfactual and s >= 0)
+    start = curve[0]
+    gaps = {s: (curve[s] - counterfactual[s]) / counterfactual[s] for s in steps}
+    worst = max(steps, key=lambda s: gaps[s])
+    return {"at_widening": start, "max_rise": max(curve[s] - start for s in steps),
+            "max_gap_rel": gaps[worst], "max_gap_step": worst, "final": curve[steps[-1]], "final_step": steps[-1]}
+
+
+def plot(curves: dict[str, dict[int, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_l, ax_g) = plt.subplots(1, 2, figsize=(14, 5))
+    d = curves["(d) small continued"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, c) in enumerate(curves.items()):
+        steps = sorted(s for s in c if s >= 0)
+        style = {"label": name, "color": colors[i % len(colors)], "lw": 1.6 if name.startswith("(b)") else 1.0}
+        ax_l.plot(steps, [c[s] for s in steps], **style)
+        if not name.startswith("(d)"):
+            common = [s for s in steps if s in d]
+            ax_g.plot(common, [100 * (c[s] - d[s]) / d[s] for s in common], **style)
+    ax_l.set(title=title, xlabel="steps after the widening", ylabel="held-out loss")
+    ax_l.legend(fontsize=8)
+    ax_g.axhline(100 * GOAL_GAP, color="k", ls=":", lw=1, label="goal: +0.2%")
+    ax_g.axhline(0, color="k", lw=0.5)
+    ax_g.set(title="gap above (d), the small model continued", xlabel="steps after the widening",
+             ylabel="held-out loss above (d), %")
+    ax_g.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", default=str(ROOT / "runs" / "carry_transition"))
+    p.add_argument("--widen-at", type=int, default=800, help="K: the small run's step at the widening")
+    p.add_argument("--after", type=int, default=300, help="steps after the widening")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of S (and of the wide runs' schedule)")
+    p.add_argument("--transitions", type=int, nargs="+", default=[100], help="T of the (b) runs")
+    p.add_argument("--variant", default="symmetric", choices=("symmetric", "diagonal"))
+    p.add_argument("--noise-db", type=float, default=None, help="zero-sum clone noise for (a)-(c); default none")
+    p.add_argument("--eval-iters", type=int, default=16, help="held-out batches per evaluation (fixed set)")
+    p.add_argument("--docs", default=str(ROOT / "docs"))
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    K, AFTER = args.widen_at, args.after
+    total, min_lr, warmup = K + AFTER, args.lr / 10, (K + AFTER) // 20
+    small_dir, ckpt = root / "small", root / "small" / "ckpt"
+    cfg = run_config(root, "small", SMALL_MODEL, schedule(total, args.lr, min_lr, warmup, args.seed, args.eval_iters),
+                     "", str(ckpt), K)
+    print(f"[{time.strftime('%H:%M:%S')}] S: {total} steps, saved at {K}", flush=True)
+    launch(small_dir, ["--config", str(cfg)], "python", root / "logs" / "small.log")
+    source = ckpt / f"step_{K:08d}"
+    data = str(small_dir / "data" / "corpus")
+    clone_flags = ["--init-from", str(source), "--hyperclone", "2", "--clone-variant", args.variant,
+                   "--clone-seed", str(args.seed)]
+    if args.noise_db is not None:
+        clone_flags += ["--clone-noise-db", str(args.noise_db)]
+    lr_k = args.lr * lr_factor(_train_cfg(total, args.lr, min_lr, warmup))(K)
+    runs: dict[str, tuple[list[str], dict, int]] = {  # name -> (flags, train section, step offset)
+        "(a) fresh + re-warmup": (["--hyperclone-optimizer", "fresh", "--hyperclone-data", "continue"],
+                                  schedule(AFTER, lr_k, min_lr, AFTER // 20, args.seed, args.eval_iters), 0)}
+    for t in args.transitions:
+        runs[f"(b) carry, transition {t}"] = (["--hyperclone-optimizer", "carry", "--hyperclone-lr-transition", str(t)],
+                                              schedule(total, args.lr, min_lr, warmup, args.seed, args.eval_iters), K)
+    runs["(c) carry, immediate jump"] = (["--hyperclone-optimizer", "carry", "--hyperclone-lr-transition", "0"],
+                                         schedule(total, args.lr, min_lr, warmup, args.seed, args.eval_iters), K)
+    noise = "no noise" if args.noise_db is None else f"{args.noise_db:g} dB zero-sum noise"
+    clone = f"{args.variant}, {noise}"
+    tag = f"{args.variant}_{'nonoise' if args.noise_db is None else f'{args.noise_db:g}dB'}_seed{args.seed}"
+    curves = {"(d) small continued": held_out(small_dir, K)}
+    for name, (flags, train, offset) in runs.items():
+        slug = name.split(")")[0].strip("(") + "_" + "".join(ch if ch.isalnum() else "_" for ch in name[4:]).strip("_")
+        run_dir = root / "wide" / tag / slug
+        cfg = run_config(root, f"{tag}_{slug}", wide_model(), train, data)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+        launch(run_dir, ["--config", str(cfg), *clone_flags, *flags], "python",
+               root / "logs" / f"{tag}_{slug}.log")
+        curves[name] = held_out(run_dir, offset)
+    d = curves["(d) small continued"]
+    rows = {name: summarize(c, d) for name, c in curves.items()}
+    docs = Path(args.docs) / "results"
+    docs.mkdir(parents=True, exist_ok=True)
+    plot(curves, docs / f"carry_transition_{tag}.png", f"x2 widening at step {K} ({clone}), seed {args.seed}")
+    raw = {"K": K, "after": AFTER, "eval_interval": EVAL, "lr": args.lr, "lr_at_widening": lr_k, "clone": clone,
+           "seed": args.seed, "rows": rows, "curves": {n: {str(s): v for s, v in c.items()} for n, c in curves.items()}}
+    tmp = docs / f"carry_transition_{tag}.json.tmp"
+    tmp.write_text(json.dumps(raw, indent=1))
+    os.replace(tmp, docs / f"carry_transition_{tag}.json")
+    lines = [f"## Widening as a continuation: {clone}, seed {args.seed} (bench/carry_transition.py)", "",
+             f"Command: `python bench/carry_transition.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             "", f"Machine: {machine_line('python')}", "",
+             f"S (d=64, 4 layers, vocab {VOCAB}, seq {SEQ_LEN}, {BATCH} sequences/step) trained {K + AFTER} steps "
+             f"(warmup {warmup}, cosine {args.lr:g} -> {min_lr:g}), widened x2 at step {K} (lr there {lr_k:.3g}). "
+             f"Held-out loss every {EVAL} steps on the same {args.eval_iters} fixed batches; every run reads the "
+             "same training batches after the widening. (a): fresh AdamW, warmup 5% to the lr S had at the "
+             "widening, cosine to S's min_lr; (b), (c): S's optimizer carried, S's schedule continued, with the "
+             "exact-continuation values moved to the wide model's own over T steps (0: at once).", "",
+             "| run | loss at widening | largest rise above it | largest gap above (d) (step) | loss at "
+             f"{AFTER} steps |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        gap = "-" if name.startswith("(d)") else f"{100 * r['max_gap_rel']:+.3f}% ({r['max_gap_step']})"
+        lines.append(f"| {name} | {r['at_widening']:.4f} | {r['max_rise']:+.4f} | {gap} | {r['final']:.4f} |")
+    lines.append("")
+    fresh = rows["(a) fresh + re-warmup"]["final"]
+    for name, r in rows.items():
+        if name.startswith("(b)"):
+            ok_gap, ok_end = r["max_gap_rel"] <= GOAL_GAP, r["final"] <= fresh
+            lines.append(f"- {name}: gap goal {'met' if ok_gap else 'NOT met'} ({100 * r['max_gap_rel']:+.3f}% vs "
+                         f"+0.2%); end goal {'met' if ok_end else 'NOT met'} ({r['final']:.4f} vs (a) {fresh:.4f})")
+    lines += ["", f"![held-out loss after the widening](results/carry_transition_{tag}.png)", "",
+              f"Raw curves: [results/carry_transition_{tag}.json](results/carry_transition_{tag}.json).", ""]
+    print("\n".join(lines))
+    write_section(Path(args.docs) / "results.md", f"carry_transition_{tag}", lines)
+    print(f"[{time.strftime('%H:%M:%S')}] done in {time.time() - t0:.0f} s; curves in {docs}")
+    return 0
+
+
+def _train_cfg(iters: int, lr: float, min_lr: float, warmup: int):
+    from megaclone.config import TrainConfig
+
+    return TrainConfig(train_iters=iters, lr=lr, min_lr=min_lr, warmup_iters=warmup)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""docs/results.md holds one section per benchmark; each benchmark rewrites only its own, between markers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HEADER = ("# Results\n\nMeasured by the scripts in `bench/`; each section is written by the script it names, which "
+          "replaces only its own section when it is run again. Raw curves and plots are in `results/`.\n")
+
+
+def write_section(path: Path, name: str, lines: list[str]) -> None:
+    """Replace (or append) the section `name` of the markdown file `path`, atomically."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    text = path.read_text() if path.is_file() else HEADER
+    if begin not in text:  # a file from before the sections: keep only the header
+        text = text if "<!-- begin " in text else HEADER
+        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    body = "\n".join(lines).strip("\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+    os.replace(tmp, path)
