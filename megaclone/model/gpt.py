@@ -7,6 +7,7 @@ pipeline (`megaclone.model.pipeline`). Nothing here knows about DeepSpeed.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -87,9 +88,23 @@ def build_rope(cfg: ModelConfig) -> Rope | None:
                 cfg.rope_high_freq_factor, cfg.rope_original_max_seq_len)
 
 
-def rope_cos_sin(seq_len: int, head_size: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [seq, head_size] for plain (unscaled, whole-head) rotary embeddings, in fp32."""
-    return Rope(head_size, theta).cos_sin(seq_len, device)
+def cached_cos_sin(rope: Rope, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope.cos_sin(seq_len, device)`, computed once: every layer of every step asks for the same tables.
+
+    Callers must not modify them in place. Under `torch.compile` they are computed in the graph instead (Dynamo
+    would trace through the cache anyway, with a warning).
+    """
+    if torch.compiler.is_compiling():
+        return rope.cos_sin(seq_len, device)
+    return _cos_sin_cache(rope, seq_len, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cos_sin_cache(rope: Rope, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keyed by the settings, length and device; always fp32 (`apply_rope` computes in fp32 for any input dtype).
+    Built outside inference mode, so tables first asked for under `torch.inference_mode` still serve training."""
+    with torch.inference_mode(False):
+        return rope.cos_sin(seq_len, device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -123,7 +138,7 @@ class Attention(nn.Module):
         k = qkv[:, :, :, hpg].transpose(1, 2)  # [batch, groups, seq, head]
         v = qkv[:, :, :, hpg + 1].transpose(1, 2)
         if self.rope is not None:
-            cos, sin = self.rope.cos_sin(s, x.device)
+            cos, sin = cached_cos_sin(self.rope, s, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout_p if self.training else 0.0
         if p > 0 and self.rng is not None:

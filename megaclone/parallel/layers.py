@@ -79,5 +79,7 @@ class RowParallelLinear(nn.Module):
             _mark_split(self.weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp_region(F.linear(x, self.weight), self.tp)
+        if self.tp.size == 1:  # nothing to sum: the bias goes into the matmul (one addmm, as nn.Linear)
+            return F.linear(x, self.weight, self.bias)
+        y = reduce_from_tp_region(F.linear(x, self.weight), self.tp)  # the bias is added once, after the sum
         return y if self.bias is None else y + self.bias

@@ -21,15 +21,23 @@ from megaclone.train.optim import build_lr_scheduler, build_optimizer
 log = logging.getLogger("megaclone.train")
 
 
-def build_deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
-    """DeepSpeed's JSON config from our dataclasses (no presets to keep in sync)."""
+def build_deepspeed_config(cfg: RunConfig, layout: Layout, device: torch.device | None = None) -> dict[str, Any]:
+    """DeepSpeed's JSON config from our dataclasses (no presets to keep in sync).
+
+    `device` is where the engine trains (default: where `device_for` puts it). Off CUDA, ZeRO's contiguous
+    gradient buffer is turned off: it guards big GPU models against memory fragmentation, and on CPU it is one
+    more copy of every gradient per step (docs/performance.md, "CPU training throughput").
+    """
     train = cfg.train
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if not (torch.cuda.is_available() if device is None else device.type == "cuda"):
+        zero["contiguous_gradients"] = False
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "train_batch_size": train.micro_batch_size * train.grad_accum_steps * layout.dp_size,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO
         "steps_per_print": 10**12,  # we log ourselves
@@ -67,7 +75,7 @@ def build_engine(cfg: RunConfig, layout: Layout, module: nn.Module, device: torc
     optimizer = build_optimizer(params, cfg.model, cfg.train)
     scheduler: Callable = build_lr_scheduler(cfg.train)
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout),
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout, device),
         mpu=layout if layout.pp_size == 1 else None)
     return engine
 
