@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +117,15 @@ def write_config(path: Path, values: dict) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A free TCP port for the rendezvous: two benchmarks (or a test run) on one machine must not share 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def finished(run_dir: Path) -> bool:
     try:
         return any(r.get("event") == "end" for r in read_metrics(run_dir))
@@ -132,7 +141,8 @@ def launch(run_dir: Path, args: list[str], launcher: str, log_file: Path) -> flo
     if run_dir.exists():  # a run stopped part-way: its metrics would be appended to, start it again
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    prefix = ["deepspeed", "--num_gpus", "2"] if launcher == "deepspeed" else [sys.executable]
+    prefix = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] if launcher == "deepspeed" \
+        else [sys.executable]
     cmd = ["nice", "-n", "10", *prefix, str(ROOT / "launch" / "pretrain.py"), "--run-dir", str(run_dir), *args]
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     for attempt in (1, 2):  # one retry: a two-hour benchmark should not die of one flaky launch
@@ -392,11 +402,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="the GPU variant: S of 125M parameters widened to about 420M, bf16, one process on one GPU")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
                    help="run types to compare (random and symmetric are always run: the baseline and S-equivalent)")
+    p.add_argument("--wide-iters", type=int, default=None,
+                   help="steps of every wide run (default: the budget's); evaluated 20 times in each run")
     args = p.parse_args(argv)
-    name = "hyperclone_speedup" + ("_gpu" if args.gpu else "")
+    name = "hyperclone_speedup" + ("_gpu" if args.gpu else "") + (f"_{args.wide_iters}" if args.wide_iters else "")
     if args.gpu:
         globals().update(GPU_SHAPE)
     budget = QUICK if args.quick else GPU if args.gpu else FULL
+    if args.wide_iters:
+        budget = replace(budget, wide_iters=args.wide_iters, wide_eval_interval=max(1, args.wide_iters // 20))
     args.launcher = args.launcher or ("python" if args.quick or args.gpu else "deepspeed")
     root = Path(args.root or ROOT / "runs" / (name + ("_quick" if args.quick else "")))
     variants = [v for v in VARIANTS if v in {"random", S_EQUIVALENT, *args.variants}]

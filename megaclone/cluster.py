@@ -32,6 +32,7 @@ from typing import Any
 
 COLLECTIVE_TIMEOUT_ENV = "MEGACLONE_COLLECTIVE_TIMEOUT"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # torch's own default for gloo; long enough for a big checkpoint commit
+EXIT_USAGE = 2  # the launch itself is wrong (e.g. its rendezvous port is taken): fix it and start again
 EXIT_PEER_FAILURE = 75  # EX_TEMPFAIL: the job failed because of another node, and may be resumed
 NODE_INVENTORY_NAME = "node.json"
 NODE_INVENTORY_FORMAT = "megaclone-node-local"
@@ -368,20 +369,29 @@ _PEER_FAILURE_PATTERNS = ("connection closed by peer", "connection reset by peer
                           "watchdog caught collective")
 
 
-def is_peer_failure(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) is a collective failing because another rank died or hung."""
-    import torch.distributed as dist
-
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions that caused it."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, getattr(dist, "DistError", ())):
-            return True
-        if isinstance(e, RuntimeError) and any(p in str(e).lower() for p in _PEER_FAILURE_PATTERNS):
-            return True
+        yield e
         e = e.__cause__ or e.__context__
-    return False
+
+
+def is_port_in_use(exc: BaseException) -> bool:
+    """Whether the rendezvous failed because MASTER_PORT is taken (another job on this node): not a peer failure."""
+    return any("eaddrinuse" in str(e).lower() or "address already in use" in str(e).lower() for e in _chain(exc))
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a collective failing because another rank died or hung."""
+    import torch.distributed as dist
+
+    if is_port_in_use(exc):
+        return False
+    return any(isinstance(e, getattr(dist, "DistError", ())) or (isinstance(e, RuntimeError) and any(
+        p in str(e).lower() for p in _PEER_FAILURE_PATTERNS)) for e in _chain(exc))
 
 
 def last_checkpoint(root: str | Path | None) -> Path | None:
@@ -423,6 +433,13 @@ def exit_on_peer_failure(env: ClusterEnv, checkpoint_root: str | Path | None) ->
     try:
         yield
     except BaseException as e:
+        if is_port_in_use(e):
+            port = os.environ.get("MASTER_PORT", "?")
+            print(f"megaclone: rank {env.rank}: the rendezvous port MASTER_PORT={port} on "
+                  f"{os.environ.get('MASTER_ADDR', '?')} is already in use (another job on this node?); give this job "
+                  "a free one: deepspeed --master_port P, torchrun --master-port P, or MASTER_PORT=P",
+                  file=sys.stderr, flush=True)
+            os._exit(EXIT_USAGE)
         if not is_peer_failure(e):
             raise
         print(peer_failure_message(e, env, checkpoint_root, collective_timeout()), file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ from megaclone.cluster import (
     RankPlace,
     build_cluster_report,
     is_peer_failure,
+    is_port_in_use,
     peer_failure_message,
     replica_writers,
 )
@@ -88,6 +89,10 @@ def test_peer_failures_are_recognised() -> None:
     wrapped.__cause__ = closed
     assert is_peer_failure(wrapped)
     assert not is_peer_failure(RuntimeError("shape mismatch: [4, 8] vs [8, 4]"))
+    taken = torch.distributed.DistNetworkError("The server socket has failed to listen on any local network address. "
+                                               "port: 29500, code: -98, name: EADDRINUSE")
+    assert is_port_in_use(taken) and not is_peer_failure(taken)  # our own launch is wrong, no peer is lost
+    assert not is_port_in_use(closed)
     assert not is_peer_failure(FloatingPointError("step 3: training loss is nan; stopping"))
 
 
