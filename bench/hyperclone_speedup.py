@@ -404,11 +404,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="run types to compare (random and symmetric are always run: the baseline and S-equivalent)")
     p.add_argument("--wide-iters", type=int, default=None,
                    help="steps of every wide run (default: the budget's); evaluated 20 times in each run")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the budget's; the first "
+                   "one sweeps the learning rates)")
     args = p.parse_args(argv)
     name = "hyperclone_speedup" + ("_gpu" if args.gpu else "") + (f"_{args.wide_iters}" if args.wide_iters else "")
     if args.gpu:
         globals().update(GPU_SHAPE)
     budget = QUICK if args.quick else GPU if args.gpu else FULL
+    if args.seeds:
+        budget = replace(budget, seeds=tuple(args.seeds))
     if args.wide_iters:
         budget = replace(budget, wide_iters=args.wide_iters, wide_eval_interval=max(1, args.wide_iters // 20))
     args.launcher = args.launcher or ("python" if args.quick or args.gpu else "deepspeed")

@@ -20,9 +20,9 @@ deepspeed --num_gpus "$NPROC" launch/pretrain.py --config configs/small.yaml \
 echo "== 2/4 sample from the small model"
 python tools/generate.py --ckpt "$RUN/small/ckpt" --prompt "The state of the Union" --tokens 60
 
-echo "== 3/4 widen 2x (HyperCloning, 10 dB zero-sum noise) and train on at the new width"
+echo "== 3/4 widen 2x (HyperCloning: the defaults, diagonal + 0 dB zero-sum noise) and train on at the new width"
 deepspeed --num_gpus "$NPROC" launch/pretrain.py --init-from "$RUN/small/ckpt" --hyperclone 2 \
-    --clone-noise-db 10 --config configs/small.yaml --train-iters "$WIDE_ITERS" \
+    --config configs/small.yaml --train-iters "$WIDE_ITERS" \
     --set train.warmup_iters=30 train.eval_interval=100 checkpoint.save_interval=0 \
     --run-dir "$RUN/wide" --save "$RUN/wide/ckpt"
 

@@ -233,6 +233,11 @@ class CheckpointConfig:
     keep_last: int = 0  # 0: keep all
 
 
+# What `--hyperclone N` uses when neither the flags nor the config name a variant or a noise level: the best of
+# bench/hyperclone_speedup.py (docs/results.md). The dataclass defaults below stay the plain noise-free symmetric
+# clone, the reference the library and its tests build on.
+HYPERCLONE_DEFAULTS = {"variant": "diagonal", "noise_db": 0.0}
+
 @dataclass
 class CloneConfig:
     init_from: str = ""  # small checkpoint directory

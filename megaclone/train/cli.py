@@ -15,13 +15,25 @@ from pathlib import Path
 import yaml
 
 from megaclone.checkpoint import Manifest, read_manifest, resolve_checkpoint
-from megaclone.config import ConfigError, RunConfig, apply_overrides, run_config_from_dict
+from megaclone.config import HYPERCLONE_DEFAULTS, ConfigError, RunConfig, apply_overrides, run_config_from_dict
 from megaclone.train.carry import CarrySettings, carry_resume_settings, check_carry_plan
 from megaclone.train.checkpointing import TRAINING_ONLY_KEYS, check_resume, model_mismatch
 from megaclone.train.cloning import CloneSource, has_symmetry_breaking, plan_clone
 from megaclone.train.dataset import DataPlan, plan_data, prepared_vocab_size
 
 CLONE_MODEL_KEYS = TRAINING_ONLY_KEYS  # the model options a cloned run may still set
+
+
+NO_NOISE = "none"
+
+
+def _noise_db(text: str) -> float | str:
+    if text.lower() == NO_NOISE:
+        return NO_NOISE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of dB or 'none', got {text!r}") from None
 
 
 def _factor(minimum: int):
@@ -55,8 +67,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", help="small checkpoint to widen (any layout)")
     g.add_argument("--hyperclone", type=_factor(2), metavar="N", help="widen hidden size, heads and groups N times")
     g.add_argument("--hyperclone-ffn", type=_factor(1), metavar="M", help="widen the FFN M times (default N)")
-    g.add_argument("--clone-variant", choices=("symmetric", "diagonal"), help="weight layout of the copies")
-    g.add_argument("--clone-noise-db", type=float, metavar="DB", help="zero-sum symmetry-breaking noise at this SNR")
+    g.add_argument("--clone-variant", choices=("symmetric", "diagonal"),
+                   help=f"weight layout of the copies (default {HYPERCLONE_DEFAULTS['variant']})")
+    g.add_argument("--clone-noise-db", type=_noise_db, metavar="DB|none",
+                   help=f"zero-sum symmetry-breaking noise at this SNR, or none (default "
+                        f"{HYPERCLONE_DEFAULTS['noise_db']:g} dB with the {HYPERCLONE_DEFAULTS['variant']} variant: "
+                        "the best measured, docs/results.md)")
     g.add_argument("--clone-seed", type=int, help="seed of the clone noise")
     g.add_argument("--hyperclone-optimizer", choices=("fresh", "carry"),
                    help="fresh: a new optimizer from step 0 (default); carry: the small run's Adam moments, step and "
@@ -111,7 +127,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for (section, key), value in flags.items():
         if value is not None:
-            out.setdefault(section, {})[key] = value
+            out.setdefault(section, {})[key] = None if value == NO_NOISE else value
     return out
 
 
@@ -127,6 +143,10 @@ def _raw_values(args: argparse.Namespace) -> dict:
         values[section] = node
     if args.run_dir is not None:
         values["run_dir"] = args.run_dir
+    clone = values.get("clone")
+    if isinstance(clone, dict) and clone.get("factor"):  # a cloned run: what neither the flags nor the file set
+        for key, value in HYPERCLONE_DEFAULTS.items():
+            clone.setdefault(key, value)
     return values
 
 
@@ -150,7 +170,7 @@ def _plan_clone(args: argparse.Namespace, cfg: RunConfig, model_values: dict, wo
     if cfg.clone.optimizer == "carry":
         check_carry_plan(cfg, clone.manifest, clone.path)
     if not has_symmetry_breaking(cfg.model, cfg.clone) and cfg.train.train_iters > 0:
-        warnings.append("cloned run without symmetry breaking (no --clone-noise-db, no dropout): the copies "
+        warnings.append("cloned run without symmetry breaking (--clone-noise-db none, no dropout): the copies "
                         "stay identical and the wide model trains like the small one")
     return clone
 

@@ -263,7 +263,8 @@ def test_exact_continuation_launch(small_run, tmp_path, arch: str, zero_stage: i
             "--zero-stage", str(zero_stage)], num_procs=1)
     launch([*_common(small_run, tmp_path / "small", *sets), "--load", str(ckpt), "--train-iters", str(LAUNCH_END),
             "--zero-stage", str(zero_stage)], num_procs=1)
-    proc = launch(["--init-from", str(ckpt), "--hyperclone", "2", "--hyperclone-optimizer", "carry", "--tp", "2",
+    proc = launch(["--init-from", str(ckpt), "--hyperclone", "2", "--clone-variant", "symmetric", "--clone-noise-db",
+                   "none", "--hyperclone-optimizer", "carry", "--tp", "2",
                    "--zero-stage", str(zero_stage), "--train-iters", str(LAUNCH_END),
                    *_common(small_run, tmp_path / "wide")])
     small = {r["step"]: r for r in metrics(tmp_path / "small", "train")}

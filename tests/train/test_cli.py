@@ -122,11 +122,23 @@ def test_clone_plan_widens_source(small_ckpt: Path, tmp_path: Path) -> None:
     assert not p.warnings  # noise breaks the symmetry
 
 
-def test_clone_without_symmetry_breaking_warns(small_ckpt: Path) -> None:
+def test_clone_defaults_and_the_warning_without_symmetry_breaking(small_ckpt: Path) -> None:
+    """--hyperclone alone uses the measured best variant and noise; turned off (flag or config), it warns."""
+    from megaclone.config import HYPERCLONE_DEFAULTS
+
     p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2"])
-    assert any("without symmetry breaking" in w for w in p.warnings)
-    p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--set", "model.dropout=0.1"])
+    assert (p.cfg.clone.variant, p.cfg.clone.noise_db) == (HYPERCLONE_DEFAULTS["variant"],
+                                                           HYPERCLONE_DEFAULTS["noise_db"])
+    assert HYPERCLONE_DEFAULTS["noise_db"] is not None and not p.warnings
+    for off in (["--clone-noise-db", "none"], ["--set", "clone.noise_db=null"]):
+        p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--clone-variant", "symmetric", *off])
+        assert (p.cfg.clone.variant, p.cfg.clone.noise_db) == ("symmetric", None)
+        assert any("without symmetry breaking" in w for w in p.warnings)
+    p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--clone-noise-db", "none", "--set",
+              "model.dropout=0.1"])
     assert p.cfg.model.dropout == 0.1 and not p.warnings
+    with pytest.raises(SystemExit):
+        plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--clone-noise-db", "loud"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -39,7 +39,8 @@ def test_zero1_with_noise_breaks_symmetry(small_run: SmallRun, tmp_path: Path) -
 
 
 def test_zero2_without_noise_stays_symmetric(small_run: SmallRun, tmp_path: Path) -> None:
-    clone, evals, output = clone_launch(small_run, tmp_path, "--zero-stage", "2")
+    clone, evals, output = clone_launch(small_run, tmp_path, "--zero-stage", "2", "--clone-variant", "symmetric",
+                                        "--clone-noise-db", "none")
     assert _trains(evals), evals
     assert "cloned run without symmetry breaking" in output
     assert all(e["clone_similarity_min"] > 1 - 1e-6 for e in evals)  # a small model in disguise
@@ -72,7 +73,8 @@ def test_train_iters_0_writes_widened_checkpoint(small_run: SmallRun, tmp_path: 
             "--run-dir", str(tmp_path), *small_run.data_args(), f"train.precision={precision}"], num_procs=1)
     manifest = read_manifest(save)
     assert manifest.step == 0 and manifest.model.hidden_size == 128 and manifest.layout["precision"] == precision
-    assert manifest.provenance["hyperclone"]["factor"] == 2 and manifest.provenance["hyperclone"]["noise_db"] is None
+    record = manifest.provenance["hyperclone"]  # --hyperclone alone: the measured defaults
+    assert (record["factor"], record["variant"], record["noise_db"]) == (2, "diagonal", 0.0)
     wide, _ = load_model(save)
     small, _ = load_model(small_run.ckpt)
     tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -95,8 +97,9 @@ def test_fresh_clone_reads_on_from_the_small_runs_data_position(small_run: Small
     small = {r["step"]: r["loss"] for r in metrics(small_run.run_dir, "train")}
 
     def first_loss(run_dir: Path, *args: str) -> float:
-        launch(["--init-from", str(source), "--hyperclone", "2", "--config", TINY, "--run-dir", str(run_dir),
-                "--train-iters", "1", *args, *small_run.data_args(), "train.eval_interval=0"], num_procs=1)
+        launch(["--init-from", str(source), "--hyperclone", "2", "--clone-noise-db", "none", "--config", TINY,
+                "--run-dir", str(run_dir), "--train-iters", "1", *args, *small_run.data_args(),
+                "train.eval_interval=0"], num_procs=1)
         (record,) = metrics(run_dir, "train")
         assert record["step"] == 1
         return record["loss"]
