@@ -11,8 +11,16 @@ in one run, each in a fresh process (so its peak RSS is its own):
   floor     a process that only imports megaclone.convert (the RSS every Python+torch process pays)
 The conversion is run alternately with the copy, `--repeat` times; the ratio uses the medians.
 
+Every measured process starts its clock `--settle` seconds after it was launched (after its imports), so all
+of them write into memory in the same state: this VM hands freed memory back to the host after a few
+seconds (virtio-balloon free page reporting), and a page-cache write into handed-back memory costs about 8x
+the kernel CPU (measured: 1.2-1.6 s instead of 0.15 s of system time per 800 MiB). Without the wait, the
+copy (which starts 0.1 s after the previous output is deleted) writes into warm memory and the conversion
+(which first imports torch, 2-5 s) into cold memory.
+
     python bench/reshard_expand.py                      # all three sizes, widening x2 to TP4 x PP2
     python bench/reshard_expand.py --sizes 0 --repeat 1 # the smallest only (quick)
+    python bench/reshard_expand.py --rng-speed          # the noise generator's elements/s, one thread
 
 Numbers are recorded in docs/performance.md ("Checkpoint conversion").
 """
@@ -82,6 +90,12 @@ def vm_hwm_mib(pid: int | str = "self") -> float:
     return 0.0
 
 
+def wait_until(start_at: float | None) -> None:
+    """Sleep until the wall-clock time `start_at` (see --settle); None: return at once."""
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process (all its threads) and of its waited-for children (workers)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -120,10 +134,11 @@ class ChildPeaks:
 # --- the measured operations (each runs in its own process) ------------------------------------------------
 
 def child_convert(a: argparse.Namespace) -> dict:
-    from megaclone.convert import ConvertOptions, convert_checkpoint, tune_malloc
+    from megaclone.convert import ConvertOptions, convert_checkpoint, tune_process
 
-    tune_malloc()  # as tools/reshard_expand.py does
+    tune_process()  # as tools/reshard_expand.py does
     peaks = ChildPeaks()
+    wait_until(a.start_at)
     start, cpu0 = time.perf_counter(), cpu_seconds()
     report = convert_checkpoint(ConvertOptions(input=Path(a.input), output=Path(a.output), tp_size=a.tp,
                                                pp_size=a.pp, hyperclone=a.hyperclone, clone_noise_db=a.noise_db,
@@ -142,6 +157,7 @@ def child_copy(a: argparse.Namespace) -> dict:
     sources = sorted((Path(a.input) / "weights").glob("*.safetensors"))
     sizes = json.loads(a.out_sizes)
     out = Path(a.output)
+    wait_until(a.start_at)
     start, cpu0 = time.perf_counter(), cpu_seconds()
     out.mkdir(parents=True)
     buf = bytearray(BUF)
@@ -187,6 +203,7 @@ def child_gather(a: argparse.Namespace) -> dict:
     from megaclone.config import CloneConfig
     from megaclone.spec import build_param_specs
 
+    wait_until(a.start_at)
     start, cpu0 = time.perf_counter(), cpu_seconds()
     small_cfg = read_manifest(a.input).model
     full = load_full_state(a.input, verify=True)  # gather: every tensor of every shard, whole
@@ -209,11 +226,31 @@ def child_floor(a: argparse.Namespace) -> dict:
     return {"seconds": 0.0, "cpu_s": cpu_seconds(), "rss_mib": vm_hwm_mib()}
 
 
+def rng_speed() -> None:
+    """Elements/s of the noise generator on one thread (CPU time, best of 3), against its first implementation."""
+    import torch
+
+    from megaclone.rng import counter_normal
+    from tests.test_rng import reference_counter_normal
+
+    torch.set_num_threads(1)
+    shape, index = (4096, 4096), (slice(0, 1024),)  # 4.2 M elements: one noise chunk of clone_tensor
+    for label, generate in (("first implementation (tests/test_rng.py)", reference_counter_normal),
+                            ("megaclone.rng.counter_normal", counter_normal)):
+        seconds = []
+        for _ in range(3):
+            start = time.thread_time()
+            generate(5, "w", shape, index)
+            seconds.append(time.thread_time() - start)
+        print(f"{label}: {1024 * 4096 / min(seconds) / 1e6:.1f} M elements/s per core")
+
+
 CHILDREN = {"convert": child_convert, "copy": child_copy, "gather": child_gather, "floor": child_floor}
 
 
-def run_child(kind: str, **kw) -> dict:
-    args = [sys.executable, __file__, "--child", kind]
+def run_child(kind: str, settle: float = 0.0, **kw) -> dict:
+    """Run one measurement in a fresh process; its clock starts `settle` seconds after this call at the earliest."""
+    args = [sys.executable, __file__, "--child", kind, "--start-at", repr(time.time() + settle)]
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
@@ -241,13 +278,13 @@ def measure_size(work: Path, hidden: int, layers: int, a: argparse.Namespace, re
         row: dict = {"hidden": hidden, "layers": layers, "in_bytes": in_bytes, "job": label}
         runs: dict[str, list[dict]] = {"convert": [], "copy": [], "copy_nosync": []}
         for rep in range(a.repeat):  # alternate, so that load on the machine hits all alike
-            r = run_child("convert", input=src, output=work / "out", workers=1, **job)
+            r = run_child("convert", a.settle, input=src, output=work / "out", workers=1, **job)
             runs["convert"].append(r)
             sizes = [p.stat().st_size for p in sorted((work / "out").rglob("weights/*.safetensors"))]
             drop(work / "out")
             for kind, fsync in (("copy", 1), ("copy_nosync", 0)):
-                runs[kind].append(run_child("copy", input=src, output=work / "copy", out_sizes=json.dumps(sizes),
-                                            fsync=fsync))
+                runs[kind].append(run_child("copy", a.settle, input=src, output=work / "copy",
+                                            out_sizes=json.dumps(sizes), fsync=fsync))
                 drop(work / "copy")
             print(f"  {label} rep {rep}: " + ", ".join(f"{k} {v[-1]['seconds']:.2f} s" for k, v in runs.items()),
                   flush=True)
@@ -260,15 +297,16 @@ def measure_size(work: Path, hidden: int, layers: int, a: argparse.Namespace, re
         row["out_bytes"] = runs["convert"][0]["out_bytes"]
         row["read_bytes"] = runs["convert"][0]["read_bytes"]
         if a.workers > 1:
-            w = run_child("convert", input=src, output=work / "out", workers=a.workers, **job)
+            w = run_child("convert", a.settle, input=src, output=work / "out", workers=a.workers, **job)
             drop(work / "out")
             row["workers"] = a.workers
             row["convert_workers_s"], row["convert_workers_cpu_s"] = w["seconds"], w["cpu_s"]
             row["convert_workers_rss_mib"] = {"main": w["rss_mib"], "max_worker": w["worker_rss_mib"]}
         if not a.skip_gather:
-            g = run_child("gather", input=src, output=work / "gather", **job)
+            g = run_child("gather", a.settle, input=src, output=work / "gather", **job)
             drop(work / "gather")
             row["gather_s"], row["gather_rss_mib"], row["gather_cpu_s"] = g["seconds"], g["rss_mib"], g["cpu_s"]
+        row["loadavg_after"] = os.getloadavg()
         results.append(row)
         print("  " + json.dumps(row), flush=True)
     drop(src_root)
@@ -281,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="also time --workers K (0 or 1: skip)")
     p.add_argument("--reshard", action="store_true", help="time plain resharding at every size, not only the largest")
     p.add_argument("--skip-gather", action="store_true")
+    p.add_argument("--rng-speed", action="store_true", help="only time the noise generator (one thread) and exit")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--settle", type=float, default=8.0,
+                   help="seconds from launching a measured process to starting its clock (0: at once; see above)")
     # child-process arguments
     p.add_argument("--child", choices=sorted(CHILDREN))
     p.add_argument("--input")
@@ -290,16 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--hyperclone", type=int, default=0)
-    p.add_argument("--noise-db", type=float, default=None, help="widen with zero-sum noise at this SNR (slow)")
+    p.add_argument("--noise-db", type=float, default=None, help="widen with zero-sum noise at this SNR")
     p.add_argument("--out-sizes")
     p.add_argument("--fsync", type=int, default=1)
+    p.add_argument("--start-at", type=float, default=None)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
         return 0
+    if a.rng_speed:
+        rng_speed()
+        return 0
 
     floor = run_child("floor")
-    print(f"floor: a process that imports megaclone.convert peaks at {floor['rss_mib']:.0f} MiB RSS")
+    print(f"floor: a process that imports megaclone.convert peaks at {floor['rss_mib']:.0f} MiB RSS; "
+          f"load average at the start: {os.getloadavg()}; settle {a.settle} s")
     results: list[dict] = []
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         for i in a.sizes:
@@ -316,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('convert_workers_s', nan):.2f} | {r['convert_rss_mib']:.0f} | "
               f"{r.get('gather_s', nan):.2f} ({r.get('gather_cpu_s', nan):.1f}) | {r.get('gather_rss_mib', nan):.0f} |")
     if a.json:
-        Path(a.json).write_text(json.dumps({"floor_rss_mib": floor["rss_mib"], "results": results}, indent=1))
+        Path(a.json).write_text(json.dumps({"floor_rss_mib": floor["rss_mib"], "settle_s": a.settle,
+                                            "noise_db": a.noise_db, "results": results}, indent=1))
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaclone.convert import ConvertOptions, VerificationError, convert_checkpoint, tune_malloc  # noqa: E402
+from megaclone.convert import ConvertOptions, VerificationError, convert_checkpoint, tune_process  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> ConvertOptions:
@@ -71,5 +71,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    tune_malloc()  # process-wide, so here and not in main(), which tests call in-process
+    tune_process()  # process-wide, so here and not in main(), which tests call in-process
     sys.exit(main())

@@ -77,6 +77,5 @@ def clone_moment(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneC
     _check_against_small(wide_spec, small_cfg, n, m)
     ranges = normalize_index(wide_spec.shape, index, wide_spec.name)
     wide_idx = [torch.arange(start, stop) for start, stop in ranges]
-    out = gather_small(wide_spec.name, axis_maps(wide_spec, n, m), wide_idx, read)
     p = carry_factors(wide_spec, small_cfg, n, m).grad_scale
-    return (out / (p if kind == "exp_avg" else p * p)).contiguous()
+    return gather_small(wide_spec.name, axis_maps(wide_spec, n, m), wide_idx, read, p if kind == "exp_avg" else p * p)

@@ -50,15 +50,16 @@ def zero_sum_noise(spec: ParamSpec, seed: int, in_map: AxisMap, rows: tuple[int,
     c0, c1 = cols
     block = q * unit  # wide columns of one block of q copies of one small input unit
     lo, hi = (c0 // block) * block, -(-c1 // block) * block  # whole copy blocks around [c0, c1)
-    step = max(1, _CHUNK_ELEMENTS // (hi - lo))  # rows per chunk: bounds the int64 hashing temporaries
+    step = max(1, _CHUNK_ELEMENTS // (hi - lo))  # rows per chunk: bounds the noise and its flat indices
     parts = []
     for r0 in range(rows[0], rows[1], step):
         r1 = min(rows[1], r0 + step)
         z = counter_normal(seed, _STREAM + spec.name, spec.shape, (slice(r0, r1), slice(lo, hi)))
-        z = z.view(r1 - r0, (hi - lo) // block, q, unit)  # [rows, small units, copies, unit]
-        total = z[:, :, 0]
-        for k in range(1, q):
-            total = total + z[:, :, k]
-        centered = (z - (total / q).unsqueeze(2)).view(r1 - r0, hi - lo)  # [rows, wide cols]
-        parts.append(centered[:, c0 - lo: c1 - lo])
-    return torch.cat(parts) * small_abs * scale
+        copies = z.view(r1 - r0, (hi - lo) // block, q, unit)  # [rows, small units, copies, unit]
+        total = copies[:, :, 0] + copies[:, :, 1]
+        for k in range(2, q):
+            total += copies[:, :, k]
+        copies -= (total / q).unsqueeze(2)  # z is now centered over the copies: [rows, wide cols]
+        parts.append(z[:, c0 - lo: c1 - lo])
+    eta = parts[0] if len(parts) == 1 and parts[0].is_contiguous() else torch.cat(parts)  # fresh either way
+    return eta.mul_(small_abs).mul_(scale)

@@ -14,7 +14,10 @@ Everything is indexed with global indices, so a slice is computed identically wh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import torch
 
@@ -27,8 +30,21 @@ LINEAR_ROLES = ("qkv", "attn_out", "mlp_in", "mlp_gate_up", "mlp_out", "lm_head"
 Reader = Callable[[str, Index], torch.Tensor]  # read(small_name, small_index) -> that slice of the small tensor
 
 
+@functools.lru_cache(maxsize=8)
+def _spec_table_of(cfg_fields: tuple) -> Mapping[str, ParamSpec]:
+    return MappingProxyType(spec_table(ModelConfig(*cfg_fields)))
+
+
+def small_spec_table(small_cfg: ModelConfig) -> Mapping[str, ParamSpec]:
+    """spec_table(small_cfg), built once per config (ModelConfig is mutable, so keyed by its field values).
+
+    Every chunk `clone_tensor` computes is checked against it; rebuilding it cost about 0.6 ms a chunk.
+    """
+    return _spec_table_of(tuple(getattr(small_cfg, f.name) for f in dataclasses.fields(small_cfg)))
+
+
 def _check_against_small(wide_spec: ParamSpec, small_cfg: ModelConfig, n: int, m: int) -> None:
-    small = spec_table(small_cfg).get(wide_spec.name)
+    small = small_spec_table(small_cfg).get(wide_spec.name)
     want = small_spec_of(wide_spec, n, m)
     if small is None or small != want:
         got = "absent" if small is None else f"shape {list(small.shape)}"
@@ -42,11 +58,13 @@ def uses_diagonal(wide_spec: ParamSpec, factors: list[int], variant: str) -> boo
             and len(factors) == 2 and factors[0] > 1 and factors[1] > 1)
 
 
-def gather_small(name: str, maps: list, wide_idx: list[torch.Tensor], read: Reader) -> torch.Tensor:
-    """out[i'] = small[pi(i')] in fp32 for the wide indices `wide_idx`, reading the small tensor once.
+def gather_small(name: str, maps: list, wide_idx: list[torch.Tensor], read: Reader, divisor: int = 1) -> torch.Tensor:
+    """out[i'] = small[pi(i')] / divisor in fp32 for the wide indices `wide_idx`, reading the small tensor once.
 
     The read is the tight contiguous small range the indices copy, so a target shard reads only the small
-    units its copies come from. Shared by the weights' and the Adam moments' rules.
+    units its copies come from. The division runs on the small slice, before the gather: the same values
+    as dividing the gathered ones, on a fraction of the elements. Shared by the weights' and the Adam
+    moments' rules.
     """
     if any(len(w) == 0 for w in wide_idx):
         return torch.zeros([len(w) for w in wide_idx])
@@ -59,6 +77,8 @@ def gather_small(name: str, maps: list, wide_idx: list[torch.Tensor], read: Read
         raise ValueError(f"{name}: read({name!r}, {small_index}) returned shape {list(small.shape)}, "
                          f"expected {list(want)}")
     out = small.detach().to(dtype=torch.float32, device="cpu")
+    if divisor != 1:
+        out = out / divisor
     for dim, (s, lo) in enumerate(zip(small_idx, lows)):
         out = out.index_select(dim, s - lo)  # gather along this axis: wide element <- small element pi(i')
     return out
@@ -76,27 +96,26 @@ def clone_tensor(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneC
     ranges = normalize_index(wide_spec.shape, index, wide_spec.name)
     maps = axis_maps(wide_spec, n, m)
     wide_idx = [torch.arange(start, stop) for start, stop in ranges]
+    factors = [amap.factor for amap in maps]
+    if wide_spec.role not in LINEAR_ROLES or wide_spec.is_bias:  # embeddings, norms, biases: unscaled copies
+        tied_norm = wide_spec.role == "final_norm" and small_cfg.tied_embeddings  # except (gamma o pi) / n
+        return gather_small(wide_spec.name, maps, wide_idx, read, n if tied_norm else 1)
+    q = factors[1]
+    diagonal = uses_diagonal(wide_spec, factors, clone_cfg.variant)
+    noisy = clone_cfg.noise_db is not None and noise_applies(wide_spec, q)
+    if not diagonal and not noisy:  # the plain linear rule W[pi(i'), pi(j')] / q
+        return gather_small(wide_spec.name, maps, wide_idx, read, q)
     out = gather_small(wide_spec.name, maps, wide_idx, read)
     if out.numel() == 0:
         return out
-
-    factors = [amap.factor for amap in maps]
-    role = wide_spec.role
-    if role in LINEAR_ROLES and not wide_spec.is_bias:
-        q = factors[1]
-        diagonal = uses_diagonal(wide_spec, factors, clone_cfg.variant)
-        if diagonal:
-            copy_out = maps[0].copy_index(wide_idx[0]) % q
-            copy_in = maps[1].copy_index(wide_idx[1])
-            mask = copy_out.unsqueeze(1) == copy_in.unsqueeze(0)  # [rows, cols]
-            signal = torch.where(mask, out, torch.zeros_like(out))
-        else:
-            signal = out / q
-        if clone_cfg.noise_db is not None and noise_applies(wide_spec, q):
-            scale = noise_scale(float(clone_cfg.noise_db), q, diagonal)
-            eta = zero_sum_noise(wide_spec, int(clone_cfg.seed), maps[1], ranges[0], ranges[1], out.abs(), scale)
-            signal = signal + eta
-        return signal.contiguous()
-    if role == "final_norm" and small_cfg.tied_embeddings:
-        return (out / n).contiguous()
-    return out.contiguous()
+    if diagonal:
+        copy_out = maps[0].copy_index(wide_idx[0]) % q
+        copy_in = maps[1].copy_index(wide_idx[1])
+        mask = copy_out.unsqueeze(1) == copy_in.unsqueeze(0)  # [rows, cols]
+        signal = torch.where(mask, out, torch.zeros_like(out))
+    else:
+        signal = out / q
+    if noisy:
+        scale = noise_scale(float(clone_cfg.noise_db), q, diagonal)
+        signal += zero_sum_noise(wide_spec, int(clone_cfg.seed), maps[1], ranges[0], ranges[1], out.abs(), scale)
+    return signal

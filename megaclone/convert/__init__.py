@@ -22,7 +22,7 @@ from megaclone.convert.run import (
     VerificationError,
     convert_checkpoint,
     execute_plan,
-    tune_malloc,
+    tune_process,
     verify_conversion,
 )
 from megaclone.convert.writer import StreamingShardWriter, planned_file_bytes, safetensors_header
@@ -30,4 +30,4 @@ from megaclone.convert.writer import StreamingShardWriter, planned_file_bytes, s
 __all__ = ["ABORT_ENV", "ConversionAborted", "ConversionPlan", "ConversionReport", "ConvertError", "ConvertOptions",
            "FileJob", "FileResult", "StreamingShardWriter", "TensorJob", "VerificationError", "convert_checkpoint",
            "execute_plan", "free_disk_bytes", "plan_conversion", "planned_file_bytes", "safetensors_header",
-           "tune_malloc", "verify_conversion"]
+           "tune_process", "verify_conversion"]

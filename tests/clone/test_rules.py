@@ -137,3 +137,15 @@ def test_reader_and_config_mismatches_raise() -> None:
         clone_tensor(spec, cfg, CloneConfig(factor=4), dict_reader(state))
     with pytest.raises(ValueError, match="not a multiple of the clone factor 3"):
         clone_tensor(spec, cfg, CloneConfig(factor=3), dict_reader(state))
+
+
+def test_small_spec_check_follows_a_config_changed_in_place() -> None:
+    """The small model's spec table is cached by the config's field values, so a config object changed in place
+    after a first clone is checked against its new shapes, not the cached ones."""
+    cfg = small_config("mha-gelu-ln-rope-bias-tied")
+    state = random_small_state(cfg)
+    spec = spec_table(widen_model_config(cfg, 2))["blocks.0.mlp.fc_in.weight"]
+    clone_tensor(spec, cfg, CloneConfig(factor=2), dict_reader(state))
+    cfg.ffn_size *= 2
+    with pytest.raises(ValueError, match="needs a small parameter of shape"):
+        clone_tensor(spec, cfg, CloneConfig(factor=2), dict_reader(state))
