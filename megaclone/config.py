@@ -237,6 +237,19 @@ class CheckpointConfig:
 # bench/hyperclone_speedup.py (docs/results.md). The dataclass defaults below stay the plain noise-free symmetric
 # clone, the reference the library and its tests build on.
 HYPERCLONE_DEFAULTS = {"variant": "diagonal", "noise_db": 0.0}
+NO_NOISE = "none"  # what --clone-noise-db takes to turn the default noise off
+
+
+def parse_noise_db(text: str) -> float | str:
+    """--clone-noise-db: a number of dB, or NO_NOISE (kept apart from 'not given', which means the default)."""
+    import argparse
+
+    if text.strip().lower() == NO_NOISE:
+        return NO_NOISE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of dB or {NO_NOISE!r}, got {text!r}") from None
 
 @dataclass
 class CloneConfig:

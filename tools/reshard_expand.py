@@ -1,7 +1,7 @@
 """Reshard a megaclone checkpoint to another TP x PP layout, optionally HyperClone-widening it, in one pass.
 
     python tools/reshard_expand.py --input runs/small/ckpt --output runs/wide/ckpt --tp 4 --pp 2 \\
-        --hyperclone 2 --clone-noise-db 10 --workers 2 --verify
+        --hyperclone 2 --workers 2 --verify
 
 Streams: each target file (one TP rank x PP stage) is built row chunk by row chunk from the source byte
 ranges it needs, so memory stays bounded whatever the model size (see megaclone/convert/run.py). Checks
@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megaclone.config import HYPERCLONE_DEFAULTS, NO_NOISE, parse_noise_db  # noqa: E402
 from megaclone.convert import ConvertOptions, VerificationError, convert_checkpoint, tune_process  # noqa: E402
 
 
@@ -32,9 +33,11 @@ def parse_args(argv: list[str] | None = None) -> ConvertOptions:
     g = p.add_argument_group("HyperCloning (widening)")
     g.add_argument("--hyperclone", type=int, default=0, metavar="N", help="widen hidden size, heads and groups N times")
     g.add_argument("--hyperclone-ffn", type=int, default=None, metavar="M", help="widen the FFN M times (default N)")
-    g.add_argument("--clone-variant", default="symmetric", choices=("symmetric", "diagonal"))
-    g.add_argument("--clone-noise-db", type=float, default=None, metavar="DB",
-                   help="zero-sum symmetry-breaking noise at this signal-to-noise ratio (default: none)")
+    g.add_argument("--clone-variant", default=None, choices=("symmetric", "diagonal"),
+                   help=f"weight layout of the copies (default {HYPERCLONE_DEFAULTS['variant']}, as at launch)")
+    g.add_argument("--clone-noise-db", type=parse_noise_db, default=None, metavar="DB|none",
+                   help=f"zero-sum symmetry-breaking noise at this signal-to-noise ratio, or none (default "
+                        f"{HYPERCLONE_DEFAULTS['noise_db']:g} dB, as at launch)")
     g.add_argument("--clone-seed", type=int, default=0, metavar="S")
     p.add_argument("--optimizer", default="drop", choices=("carry", "drop"),
                    help="drop (default): weights only; carry: also the Adam moments (optim/ files), step and schedule")
@@ -44,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> ConvertOptions:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output step / add to an existing ROOT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if a.hyperclone:  # the launcher's defaults, so that both widen a checkpoint bit for bit alike
+        a.clone_variant = a.clone_variant or HYPERCLONE_DEFAULTS["variant"]
+        a.clone_noise_db = {None: HYPERCLONE_DEFAULTS["noise_db"], NO_NOISE: None}.get(a.clone_noise_db,
+                                                                                        a.clone_noise_db)
+    a.clone_variant = a.clone_variant or "symmetric"  # without --hyperclone, any clone flag given is refused
     return ConvertOptions(input=a.input, output=a.output, tp_size=a.tp, pp_size=a.pp, hyperclone=a.hyperclone,
                           hyperclone_ffn=a.hyperclone_ffn, clone_variant=a.clone_variant,
                           clone_noise_db=a.clone_noise_db, clone_seed=a.clone_seed, optimizer=a.optimizer,

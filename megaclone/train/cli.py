@@ -15,25 +15,21 @@ from pathlib import Path
 import yaml
 
 from megaclone.checkpoint import Manifest, read_manifest, resolve_checkpoint
-from megaclone.config import HYPERCLONE_DEFAULTS, ConfigError, RunConfig, apply_overrides, run_config_from_dict
+from megaclone.config import (
+    HYPERCLONE_DEFAULTS,
+    NO_NOISE,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    parse_noise_db,
+    run_config_from_dict,
+)
 from megaclone.train.carry import CarrySettings, carry_resume_settings, check_carry_plan
 from megaclone.train.checkpointing import TRAINING_ONLY_KEYS, check_resume, model_mismatch
 from megaclone.train.cloning import CloneSource, has_symmetry_breaking, plan_clone
 from megaclone.train.dataset import DataPlan, plan_data, prepared_vocab_size
 
 CLONE_MODEL_KEYS = TRAINING_ONLY_KEYS  # the model options a cloned run may still set
-
-
-NO_NOISE = "none"
-
-
-def _noise_db(text: str) -> float | str:
-    if text.lower() == NO_NOISE:
-        return NO_NOISE
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of dB or 'none', got {text!r}") from None
 
 
 def _factor(minimum: int):
@@ -69,7 +65,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--hyperclone-ffn", type=_factor(1), metavar="M", help="widen the FFN M times (default N)")
     g.add_argument("--clone-variant", choices=("symmetric", "diagonal"),
                    help=f"weight layout of the copies (default {HYPERCLONE_DEFAULTS['variant']})")
-    g.add_argument("--clone-noise-db", type=_noise_db, metavar="DB|none",
+    g.add_argument("--clone-noise-db", type=parse_noise_db, metavar="DB|none",
                    help=f"zero-sum symmetry-breaking noise at this SNR, or none (default "
                         f"{HYPERCLONE_DEFAULTS['noise_db']:g} dB with the {HYPERCLONE_DEFAULTS['variant']} variant: "
                         "the best measured, docs/results.md)")

@@ -198,3 +198,20 @@ def test_cli(src, tmp_path, capsys) -> None:
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert cli.main(["--input", str(src), "--output", str(tmp_path / "x"), "--optimizer", "carry"]) == 2
     assert "holds no optimizer state" in capsys.readouterr().err
+
+
+def test_cli_clone_defaults_are_the_launchers(capsys) -> None:
+    """--hyperclone alone widens like `launch/pretrain.py --hyperclone` alone (HYPERCLONE_DEFAULTS), so the
+    converter and a launch give the same bits; `--clone-noise-db none` turns the noise off."""
+    from megaclone.config import HYPERCLONE_DEFAULTS
+
+    cli = _cli()
+    base = ["--input", "a", "--output", "b"]
+    o = cli.parse_args([*base, "--hyperclone", "2"])
+    assert (o.clone_variant, o.clone_noise_db) == (HYPERCLONE_DEFAULTS["variant"], HYPERCLONE_DEFAULTS["noise_db"])
+    o = cli.parse_args([*base, "--hyperclone", "2", "--clone-variant", "symmetric", "--clone-noise-db", "none"])
+    assert (o.clone_variant, o.clone_noise_db) == ("symmetric", None)
+    o = cli.parse_args(base)  # resharding only: nothing clone-related is set
+    assert (o.hyperclone, o.clone_variant, o.clone_noise_db) == (0, "symmetric", None)
+    assert cli.main([*base, "--clone-noise-db", "none"]) == 2
+    assert "--clone-noise-db given without --hyperclone N" in capsys.readouterr().err
