@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     data = str(small_dir / "data" / "corpus")
     clone_flags = ["--init-from", str(source), "--hyperclone", "2", "--clone-variant", args.variant,
                    "--clone-seed", str(args.seed)]
-    if args.noise_db is not None:
-        clone_flags += ["--clone-noise-db", str(args.noise_db)]
+    clone_flags += ["--clone-noise-db", "none" if args.noise_db is None else str(args.noise_db)]  # never the default
     lr_k = args.lr * lr_factor(_train_cfg(total, args.lr, min_lr, warmup))(K)
     runs: dict[str, tuple[list[str], dict, int]] = {  # name -> (flags, train section, step offset)
         "(a) fresh + re-warmup": (["--hyperclone-optimizer", "fresh", "--hyperclone-data", "continue"],

@@ -69,12 +69,12 @@ GPU_SHAPE = {"SMALL_MODEL": {"vocab_size": 0, "vocab_multiple": 128, "hidden_siz
 # name -> (extra launch flags, extra --set overrides); None flags: random init at the wide size.
 VARIANTS: dict[str, tuple[list[str] | None, list[str]]] = {
     "random": (None, []),
-    "symmetric": (["--clone-variant", "symmetric"], []),
+    "symmetric": (["--clone-variant", "symmetric", "--clone-noise-db", "none"], []),
     "sym+10dB": (["--clone-variant", "symmetric", "--clone-noise-db", "10"], []),
     "sym+0dB": (["--clone-variant", "symmetric", "--clone-noise-db", "0"], []),
     "sym-10dB": (["--clone-variant", "symmetric", "--clone-noise-db", "-10"], []),
     "diag+0dB": (["--clone-variant", "diagonal", "--clone-noise-db", "0"], []),
-    "sym+dropout0.1": (["--clone-variant", "symmetric"], ["model.dropout=0.1"]),
+    "sym+dropout0.1": (["--clone-variant", "symmetric", "--clone-noise-db", "none"], ["model.dropout=0.1"]),
 }
 S_EQUIVALENT = "symmetric"  # see the module docstring, point 4
 
