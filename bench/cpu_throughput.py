@@ -162,9 +162,9 @@ def plain_optimizer(model: nn.Module, cfg: RunConfig) -> tuple[torch.optim.AdamW
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(t))
 
 
-def make_plain_step(cfg: RunConfig) -> tuple[nn.Module, Callable[[list[Batch]], float]]:
-    model = PlainGPT(cfg.model)
-    opt, sched = plain_optimizer(model, cfg)
+def torch_loop_step(model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                    cfg: RunConfig) -> Callable[[list[Batch]], float]:
+    """The plain torch training step both non-DeepSpeed variants use: accumulate, clip, step, schedule."""
     accum = cfg.train.grad_accum_steps
 
     def step(micro_batches: list[Batch]) -> float:
@@ -180,7 +180,13 @@ def make_plain_step(cfg: RunConfig) -> tuple[nn.Module, Callable[[list[Batch]], 
         opt.zero_grad(set_to_none=True)
         return total / accum
 
-    return model, step
+    return step
+
+
+def make_plain_step(cfg: RunConfig) -> tuple[nn.Module, Callable[[list[Batch]], float]]:
+    model = PlainGPT(cfg.model)
+    opt, sched = plain_optimizer(model, cfg)
+    return model, torch_loop_step(model, opt, sched, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,22 +226,7 @@ def make_megaclone_model_step(cfg: RunConfig) -> tuple[nn.Module, Callable[[list
     init_params(global_named_parameters(module, cfg.model), cfg.model, cfg.train.seed)
     opt = build_optimizer(global_named_parameters(module, cfg.model), cfg.model, cfg.train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train))
-    accum = cfg.train.grad_accum_steps
-
-    def step(micro_batches: list[Batch]) -> float:
-        total = 0.0
-        for tokens, labels in micro_batches:
-            loss = module(tokens, labels)
-            (loss / accum).backward()
-            total += loss.item()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip).item()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return total / accum
-
-    return module, step
+    return module, torch_loop_step(module, opt, sched, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
