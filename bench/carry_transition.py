@@ -12,6 +12,8 @@ On the bundled corpus, through `launch/pretrain.py` as a user runs it (one proce
        schedule position, the exact-continuation lr / eps / weight decay per group, moved to the wide run's own
        values (the same schedule as S, in the wide model's units) over T steps.
   (c)  carry, immediate jump: --hyperclone-lr-transition 0.
+  With --schedule restart, (b) and (c) add --hyperclone-schedule restart and get (a)'s schedule: the run's
+  warmup + cosine laid out again from the widening, reached from S's last lr over the transition.
 
 Every run evaluates the same fixed held-out batches every EVAL steps. Reported per run: the largest rise of the
 held-out loss above its value at the widening point, the largest relative gap above (d) at the same step, and the
@@ -21,6 +23,7 @@ at least as low as (a).
     python bench/carry_transition.py                       # about 15 minutes on 2 cores
     python bench/carry_transition.py --widen-at 40 --after 20 --root /tmp/ct   # a minute: the pipeline
     python bench/carry_transition.py --noise-db 10 --transitions 50 100 200
+    python bench/carry_transition.py --noise-db 0 --schedule restart --transitions 50 150   # reuses S, (a), (d)
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transitions", type=int, nargs="+", default=[100], help="T of the (b) runs")
     p.add_argument("--variant", default="symmetric", choices=("symmetric", "diagonal"))
     p.add_argument("--noise-db", type=float, default=None, help="zero-sum clone noise for (a)-(c); default none")
+    p.add_argument("--schedule", default="continue", choices=("continue", "restart"),
+                   help="(b), (c): continue S's schedule, or restart (a)'s at the widening (--hyperclone-schedule)")
     p.add_argument("--eval-iters", type=int, default=16, help="held-out batches per evaluation (fixed set)")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     args = p.parse_args(argv)
@@ -136,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, tuple[list[str], dict, int]] = {  # name -> (flags, train section, step offset)
         "(a) fresh + re-warmup": (["--hyperclone-optimizer", "fresh", "--hyperclone-data", "continue"],
                                   schedule(AFTER, lr_k, min_lr, AFTER // 20, args.seed, args.eval_iters), 0)}
+    restart = args.schedule == "restart"
+    carried = ["--hyperclone-optimizer", "carry", "--hyperclone-schedule", args.schedule]
+    carry_train = schedule(total, lr_k, min_lr, AFTER // 20, args.seed, args.eval_iters) if restart else \
+        schedule(total, args.lr, min_lr, warmup, args.seed, args.eval_iters)  # restarted: (a)'s from the widening
+    how = ", restarted schedule" if restart else ""
     for t in args.transitions:
-        runs[f"(b) carry, transition {t}"] = (["--hyperclone-optimizer", "carry", "--hyperclone-lr-transition", str(t)],
-                                              schedule(total, args.lr, min_lr, warmup, args.seed, args.eval_iters), K)
-    runs["(c) carry, immediate jump"] = (["--hyperclone-optimizer", "carry", "--hyperclone-lr-transition", "0"],
-                                         schedule(total, args.lr, min_lr, warmup, args.seed, args.eval_iters), K)
+        runs[f"(b) carry{how}, transition {t}"] = ([*carried, "--hyperclone-lr-transition", str(t)], carry_train, K)
+    runs[f"(c) carry{how}, immediate jump"] = ([*carried, "--hyperclone-lr-transition", "0"], carry_train, K)
     noise = "no noise" if args.noise_db is None else f"{args.noise_db:g} dB zero-sum noise"
     clone = f"{args.variant}, {noise}"
     tag = f"{args.variant}_{'nonoise' if args.noise_db is None else f'{args.noise_db:g}dB'}_seed{args.seed}"
@@ -155,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         curves[name] = held_out(run_dir, offset)
     d = curves["(d) small continued"]
     rows = {name: summarize(c, d) for name, c in curves.items()}
+    tag += "_restart" if restart else ""  # the runs of (a) and (d) are shared, the report is not
     docs = Path(args.docs) / "results"
     docs.mkdir(parents=True, exist_ok=True)
     plot(curves, docs / f"carry_transition_{tag}.png", f"x2 widening at step {K} ({clone}), seed {args.seed}")
@@ -170,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
              f"(warmup {warmup}, cosine {args.lr:g} -> {min_lr:g}), widened x2 at step {K} (lr there {lr_k:.3g}). "
              f"Held-out loss every {EVAL} steps on the same {args.eval_iters} fixed batches; every run reads the "
              "same training batches after the widening. (a): fresh AdamW, warmup 5% to the lr S had at the "
-             "widening, cosine to S's min_lr; (b), (c): S's optimizer carried, S's schedule continued, with the "
-             "exact-continuation values moved to the wide model's own over T steps (0: at once).", "",
+             "widening, cosine to S's min_lr; (b), (c): S's optimizer carried, "
+             + ("(a)'s schedule restarted at the widening and reached linearly from S's last lr, "
+                if restart else "S's schedule continued, ")
+             + "with the exact-continuation values moved to the wide model's own over T steps (0: at once).", "",
              "| run | loss at widening | largest rise above it | largest gap above (d) (step) | loss at "
              f"{AFTER} steps |", "|---|---|---|---|---|"]
     for name, r in rows.items():

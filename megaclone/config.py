@@ -261,6 +261,7 @@ class CloneConfig:
     seed: int = 0
     optimizer: str = "fresh"  # fresh: new optimizer at step 0 (the paper's recipe) | carry: resume the small run's
     lr_transition: int | None = None  # carry: steps from the exact-continuation values to the run's; None: never
+    schedule: str = "continue"  # carry: continue the run's schedule at the small run's step, or restart it there
     data: str | None = None  # continue: read on from the small run's data position | restart: from the start;
     # None: continue with carry (a continuation of training), restart with fresh (a new run, the paper's recipe)
 
@@ -285,6 +286,14 @@ class CloneConfig:
         if self.lr_transition is not None and (self.optimizer != "carry" or self.lr_transition < 0):
             raise ConfigError(f"clone.lr_transition (--hyperclone-lr-transition) = {self.lr_transition}: needs "
                               f"clone.optimizer='carry' (got {self.optimizer!r}) and a number of steps >= 0")
+        if self.schedule not in ("continue", "restart"):
+            raise ConfigError(f"clone.schedule (--hyperclone-schedule) = {self.schedule!r}: expected 'continue' or "
+                              "'restart'")
+        if self.schedule == "restart" and (self.optimizer != "carry" or self.lr_transition is None):
+            raise ConfigError("clone.schedule (--hyperclone-schedule) = 'restart' needs clone.optimizer='carry' and "
+                              "clone.lr_transition (--hyperclone-lr-transition STEPS, 0: at once): the transition "
+                              "moves the small run's last learning rate to the restarted schedule (a fresh optimizer "
+                              "always starts its schedule at the widening)")
         if self.data not in (None, "continue", "restart"):
             raise ConfigError(f"clone.data (--hyperclone-data) = {self.data!r}: expected 'continue' or 'restart'")
 

@@ -13,6 +13,13 @@ Parameters with equal (decay, s, p, c) share one AdamW group, so every multiplie
 the widening an optional transition moves each group to the run's own values over `lr_transition` steps,
 geometrically: multiplier(t) = multiplier^(1 - t), t = (step - clone step) / lr_transition clamped to [0, 1].
 
+The schedule (`clone.schedule`): `continue` reads the run's warmup + cosine at the global step, so a run
+configured with the small run's schedule continues it exactly. `restart` lays the run's schedule out again
+from the widening (its warmup, lr_decay_iters and train_iters count from the clone step), as a fresh
+optimizer's run would have it, and the transition moves the learning rate linearly from the small run's last
+value to it: lr(t) = (1 - t) lr_small + t lr_run(step - clone step). Linear, so a restarted warmup does not
+pull the blend towards zero.
+
 Clipping (the choice): DeepSpeed clips inside `engine.step` on its own norm. ZeRO-1/2 compute that norm in
 one method, `scaled_global_norm`, as the combination of per-group norms that are already reduced over DP and
 TP; `install_small_norm_clipping` replaces it on the engine's ZeRO optimizer with the weighted combination.
@@ -63,6 +70,8 @@ def check_carry_plan(cfg: RunConfig, source: Manifest, path: Path) -> None:
     if source.optimizer is None:
         raise ConfigError(f"--hyperclone-optimizer carry: {path} holds no optimizer state (its manifest has no "
                           "'optimizer' entry and no optim/ files); widen it with the fresh optimizer instead")
+    if cfg.clone.schedule == "restart":
+        source_lr(source, path)
     if cfg.train.train_iters <= source.step:
         raise ConfigError(f"--hyperclone-optimizer carry continues the step count of {path} (step {source.step}): "
                           f"train.train_iters={cfg.train.train_iters} must exceed it")
@@ -123,19 +132,27 @@ def transition_progress(step: int, clone_step: int, transition: int | None) -> f
     return min(1.0, max(0.0, (step - clone_step) / transition))
 
 
+def restarted(train: TrainConfig, clone_step: int) -> TrainConfig:
+    """The run's schedule laid out from the widening: warmup, decay and end count from `clone_step`."""
+    decay = train.lr_decay_iters if train.lr_decay_iters is not None else train.train_iters
+    return dataclasses.replace(train, train_iters=train.train_iters - clone_step, lr_decay_iters=decay - clone_step)
+
+
 class CarrySchedule(torch.optim.lr_scheduler.LRScheduler):
-    """The run's warmup + cosine schedule, continued from the clone step, with each carry group's multipliers.
+    """The run's warmup + cosine schedule, continued from the clone step or restarted there (`start_lr`: the
+    small run's last learning rate, given for a restart), with each carry group's multipliers.
 
     `last_epoch` counts optimizer steps since the small run began, so the position is the small run's and
     DeepSpeed saves and restores it with the engine. eps and weight decay are set with the learning rate.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, train: TrainConfig, clone_step: int,
-                 transition: int | None) -> None:
-        self.factor = lr_factor(train)
+                 transition: int | None, start_lr: float | None = None) -> None:
+        self.factor = lr_factor(train if start_lr is None else restarted(train, clone_step))
         self.base_lr = train.lr
         self.clone_step = clone_step
         self.transition = transition
+        self.start_lr = start_lr
         super().__init__(optimizer)  # sets the values for step 0; `start_at` moves to the clone step
         self.start_at(clone_step)
 
@@ -149,7 +166,10 @@ class CarrySchedule(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self) -> list[float]:
         t = transition_progress(self.last_epoch, self.clone_step, self.transition)
-        lr = self.base_lr * self.factor(self.last_epoch)
+        if self.start_lr is None:
+            lr = self.base_lr * self.factor(self.last_epoch)
+        else:
+            lr = (1 - t) * self.start_lr + t * self.base_lr * self.factor(self.last_epoch - self.clone_step)
         for group in self.optimizer.param_groups:
             set_group_values(group, t, lr)
         return [group["lr"] for group in self.optimizer.param_groups]
@@ -163,10 +183,10 @@ class CarrySchedule(torch.optim.lr_scheduler.LRScheduler):
             group["lr"] = lr
 
 
-def build_carry_scheduler(train: TrainConfig, clone_step: int,
-                          transition: int | None) -> Callable[[torch.optim.Optimizer], CarrySchedule]:
+def build_carry_scheduler(train: TrainConfig, clone_step: int, transition: int | None,
+                          start_lr: float | None = None) -> Callable[[torch.optim.Optimizer], CarrySchedule]:
     """A callable DeepSpeed applies to the optimizer it steps (like `build_lr_scheduler`)."""
-    return lambda optimizer: CarrySchedule(optimizer, train, clone_step, transition)
+    return lambda optimizer: CarrySchedule(optimizer, train, clone_step, transition, start_lr)
 
 
 def small_model_grad_norm(groups: list[dict]) -> torch.Tensor:
@@ -216,11 +236,15 @@ def install_small_norm_clipping(engine: Any) -> None:
     zero.scaled_global_norm = types.MethodType(scaled_global_norm, zero)
 
 
-def describe_carry(groups: list[dict], transition: int | None, clone_step: int) -> str:
+def describe_carry(groups: list[dict], carry: CarrySettings) -> str:
     """One line per group: what is carried and how (logged at start)."""
-    lines = [f"optimizer carried from step {clone_step}; "
+    transition = carry.clone.lr_transition
+    lines = [f"optimizer carried from step {carry.clone_step}; "
              + ("exact continuation (no transition)" if transition is None else
-                f"transition to the run's lr, eps and weight decay over {transition} steps")]
+                f"transition to the run's lr, eps and weight decay over {transition} steps")
+             + ("; the run's schedule continues at the small run's step" if carry.start_lr is None else
+                f"; the run's schedule restarts at the widening, reached from the small run's last lr "
+                f"{carry.start_lr:.4g}")]
     for g in groups:
         c = g[CARRY_KEY]
         s, p, n_copies = c["value_scale"], c["grad_scale"], c["copies"]
@@ -237,6 +261,16 @@ class CarrySettings:
     small: ModelConfig  # the small checkpoint's model (the run's model is its widening)
     clone: CloneConfig  # factors and lr_transition
     clone_step: int  # the schedule position at the widening (transition progress counts from it)
+    start_lr: float | None = None  # clone.schedule restart: the small run's last learning rate; None: continue
+
+
+def source_lr(manifest: Manifest, path: Path) -> float:
+    """The learning rate the small run would have used next (its scheduler's last value, group 0 = the base)."""
+    try:
+        return float(manifest.optimizer["scheduler"]["last_lr"][0])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise ConfigError(f"--hyperclone-schedule restart: {path}'s manifest records no learning rate "
+                          f"(optimizer.scheduler.last_lr: {type(e).__name__}: {e})") from e
 
 
 def carry_resume_settings(manifest: Manifest, path: Path, cfg: RunConfig) -> CarrySettings | None:
@@ -253,8 +287,10 @@ def carry_resume_settings(manifest: Manifest, path: Path, cfg: RunConfig) -> Car
         transition = record.get("lr_transition")
         clone = CloneConfig(init_from=str(record["source"]), factor=int(record["factor"]),
                             ffn_factor=int(record["ffn_factor"]), optimizer="carry",
-                            lr_transition=None if transition is None else int(transition))
+                            lr_transition=None if transition is None else int(transition),
+                            schedule=record.get("schedule", "continue"))
         clone.validate()
+        start_lr = float(record["source_lr"]) if clone.schedule == "restart" else None
         small = model_config_from_dict(dict(record["source_model"]))
         scheduler = (manifest.optimizer or {}).get("scheduler") or {}
         clone_step = int(scheduler.get("clone_step", record["source_step"]))
@@ -266,7 +302,7 @@ def carry_resume_settings(manifest: Manifest, path: Path, cfg: RunConfig) -> Car
         raise ConfigError(f"{where}: its source_model widened x{clone.factor} (ffn x{clone.ffn_factor}) is not the "
                           "checkpoint's model")
     check_carry_supported(cfg, f"{where}: resuming it")
-    return CarrySettings(small, clone, clone_step)
+    return CarrySettings(small, clone, clone_step, start_lr)
 
 
 def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: torch.device,
@@ -288,7 +324,7 @@ def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: t
     fused = all(p.is_cuda for p in params.values())
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps,
                                   fused=fused or None)
-    scheduler = build_carry_scheduler(train, carry.clone_step, carry.clone.lr_transition)
+    scheduler = build_carry_scheduler(train, carry.clone_step, carry.clone.lr_transition, carry.start_lr)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout),
         mpu=layout if layout.pp_size == 1 else None)
@@ -339,11 +375,12 @@ def start_carried_run(cfg: RunConfig, source: Any, layout: Any, module: nn.Modul
     from megaclone.train.cloning import inject_fp32_masters
 
     schedule_step = int(source.manifest.optimizer["scheduler"]["last_epoch"])
-    carry = CarrySettings(source.manifest.model, cfg.clone, schedule_step)
+    start_lr = source_lr(source.manifest, source.path) if cfg.clone.schedule == "restart" else None
+    carry = CarrySettings(source.manifest.model, cfg.clone, schedule_step, start_lr)
     engine, groups = build_carry_engine(cfg, layout, module, device, carry)
     if cfg.train.precision != "fp32":
         inject_fp32_masters(engine, module, cfg.model, clone_tensors)
     step = carry_optimizer_state(engine, module, cfg, layout, sampler)
     if layout.rank == 0:
-        log.info(describe_carry(groups, cfg.clone.lr_transition, schedule_step))
+        log.info(describe_carry(groups, carry))
     return engine, step

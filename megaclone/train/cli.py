@@ -76,6 +76,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--hyperclone-lr-transition", type=_factor(0), metavar="STEPS",
                    help="carry: move each group to the run's own lr, eps and weight decay over STEPS steps "
                         "(0: at once; default: never)")
+    g.add_argument("--hyperclone-schedule", choices=("continue", "restart"),
+                   help="carry: continue the run's warmup + cosine at the small run's step (default), or restart it "
+                        "at the widening (its warmup and train_iters then count from there), reached from the small "
+                        "run's last lr over the --hyperclone-lr-transition steps")
     g.add_argument("--hyperclone-data", choices=("continue", "restart"),
                    help="continue: read on from the small run's data position (default with carry); restart: read "
                         "the corpus from its start (default with fresh)")
@@ -119,7 +123,8 @@ def _flag_values(args: argparse.Namespace) -> dict[str, dict]:
              ("clone", "ffn_factor"): args.hyperclone_ffn, ("clone", "variant"): args.clone_variant,
              ("clone", "noise_db"): args.clone_noise_db, ("clone", "seed"): args.clone_seed,
              ("clone", "optimizer"): args.hyperclone_optimizer,
-             ("clone", "lr_transition"): args.hyperclone_lr_transition, ("clone", "data"): args.hyperclone_data}
+             ("clone", "lr_transition"): args.hyperclone_lr_transition, ("clone", "data"): args.hyperclone_data,
+             ("clone", "schedule"): args.hyperclone_schedule}
     out: dict[str, dict] = {}
     for (section, key), value in flags.items():
         if value is not None:

@@ -53,7 +53,9 @@ class CloneSource:
             "source_layout": dict(self.manifest.layout), "source_model": dataclasses.asdict(self.manifest.model),
             "factor": n, "ffn_factor": m, "variant": self.clone.variant, "noise_db": self.clone.noise_db,
             "seed": self.clone.seed, "optimizer": self.clone.optimizer, "lr_transition": self.clone.lr_transition,
-            "data": "continue" if self.clone.continues_data else "restart"}}
+            "data": "continue" if self.clone.continues_data else "restart",
+            **({"schedule": "restart", "source_lr": self.manifest.optimizer["scheduler"]["last_lr"][0]}
+               if self.clone.schedule == "restart" else {})}}
 
 
 def continue_data_position(sampler: Any, manifest: Manifest) -> None:

@@ -22,6 +22,7 @@ from megaclone.train.carry import (
     CarrySchedule,
     build_carry_param_groups,
     clip_to_small_norm_,
+    restarted,
     transition_progress,
 )
 from megaclone.train.optim import build_param_groups, lr_factor
@@ -227,6 +228,27 @@ def test_transition_moves_each_group_to_the_runs_values() -> None:
     assert transition_progress(K, K, 0) == 1.0 and transition_progress(10 ** 6, K, None) == 0.0
 
 
+def test_restarted_schedule_is_reached_from_the_small_runs_last_lr() -> None:
+    """clone.schedule restart: the run's warmup + cosine laid out from the widening, blended in linearly."""
+    cfg, model = small_model("untied-gelu")
+    opt, sched, _ = run_small(cfg, model, batches(cfg, K))
+    start = sched.get_last_lr()[0]
+    wide_train = dataclasses.replace(TRAIN, train_iters=K + 40, warmup_iters=5, lr=2e-3)
+    _, wide_opt, _ = widen(cfg, model, opt, CloneConfig(factor=2), transition=8)
+    wide_sched = CarrySchedule(wide_opt, wide_train, K, 8, start_lr=start)
+    own = lr_factor(dataclasses.replace(wide_train, train_iters=40, lr_decay_iters=40))
+    base = lambda g: g["lr"] * g[CARRY_KEY]["value_scale"] ** (1 - t)  # noqa: E731  (the multiplier removed)
+    for step in range(K, K + 45):
+        t = transition_progress(step, K, 8)
+        want = (1 - t) * start + t * wide_train.lr * own(step - K)
+        assert all(base(g) == pytest.approx(want, rel=1e-12) for g in wide_opt.param_groups), step
+        wide_opt.step()
+        wide_sched.step()
+    assert restarted(wide_train, K).train_iters == 40 and own(4) == 1.0 and own(40) == TRAIN.min_lr / 2e-3
+    first = CarrySchedule(wide_opt, wide_train, K, 8, start_lr=start)
+    assert first.get_last_lr()[0] == pytest.approx(start, rel=1e-12)  # the first wide step: the small run's next lr
+
+
 def test_groups_split_by_factor_and_keep_decay() -> None:
     cfg = small_config("mha-gelu-ln-rope-bias-tied", **ARCHS["tied-swiglu"])
     clone_cfg = CloneConfig(factor=2)
@@ -298,6 +320,12 @@ def test_flags_and_refusals(small_run) -> None:
     assert build_plan(parse_args([*base, "--hyperclone-data", "continue"]), 2).cfg.clone.continues_data
     assert not build_plan(parse_args([*base, "--hyperclone-optimizer", "carry", "--hyperclone-data", "restart",
                                       "--train-iters", "40"]), 2).cfg.clone.continues_data
+    restart = [*base, "--hyperclone-optimizer", "carry", "--hyperclone-schedule", "restart", "--train-iters", "40"]
+    assert build_plan(parse_args([*restart, "--hyperclone-lr-transition", "0"]), 2).cfg.clone.schedule == "restart"
+    with pytest.raises(ConfigError, match="needs clone.optimizer='carry' and clone.lr_transition"):
+        build_plan(parse_args(restart), 2)
+    with pytest.raises(ConfigError, match="--hyperclone-schedule"):
+        CloneConfig(init_from="x", factor=2, optimizer="carry", lr_transition=3, schedule="later").validate()
     with pytest.raises(ConfigError, match="clone.data"):
         CloneConfig(init_from="x", factor=2, data="rewind").validate()
     with pytest.raises(ConfigError, match="--hyperclone-lr-transition"):
@@ -313,5 +341,11 @@ def test_flags_and_refusals(small_run) -> None:
     cfg = RunConfig(clone=CloneConfig(init_from=str(path), factor=2, optimizer="carry"))
     with pytest.raises(ConfigError, match="holds no optimizer state"):
         check_carry_plan(cfg, dataclasses.replace(read_manifest(path), optimizer=None), path)
+    cfg.clone.lr_transition, cfg.clone.schedule, cfg.train.train_iters = 5, "restart", 40
+    manifest = read_manifest(path)
+    check_carry_plan(cfg, manifest, path)
+    no_lr = dataclasses.replace(manifest, optimizer={**manifest.optimizer, "scheduler": {"last_epoch": 30}})
+    with pytest.raises(ConfigError, match="records no learning rate"):
+        check_carry_plan(cfg, no_lr, path)
     with pytest.raises(SystemExit):
         parse_args([*base, "--hyperclone-optimizer", "adam"])
