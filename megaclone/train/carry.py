@@ -22,7 +22,8 @@ pull the blend towards zero.
 
 Clipping (the choice): DeepSpeed clips inside `engine.step` on its own norm. ZeRO-1/2 compute that norm in
 one method, `scaled_global_norm`, as the combination of per-group norms that are already reduced over DP and
-TP; `install_small_norm_clipping` replaces it on the engine's ZeRO optimizer with the weighted combination.
+TP; `install_small_norm_clipping` replaces it on the engine's ZeRO optimizer with the weighted combination
+(megaclone.train.zero_norm).
 The clip coefficient, the logged grad_norm and the partitioned gradients then behave exactly as in the small
 run, at any DP size and for the pipeline engine (ZeRO-1) too; no gradient is touched twice. ZeRO-0 and ZeRO-3
 use other code paths and are refused for carry runs.
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,27 +213,20 @@ def clip_to_small_norm_(groups: list[dict], max_norm: float) -> torch.Tensor:
 
 def install_small_norm_clipping(engine: Any) -> None:
     """Make the engine's ZeRO-1/2 optimizer clip on the small model's norm (see the module docstring)."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from megaclone.train.zero_norm import install_grad_norm
 
-    zero = engine.optimizer
-    if not isinstance(zero, DeepSpeedZeroOptimizer):
-        raise ConfigError(f"--hyperclone-optimizer carry needs DeepSpeed's ZeRO-1/2 optimizer, the engine has "
-                          f"{type(zero).__name__}")
-    if zero.cpu_offload or zero.has_moe_layers:
-        raise ConfigError("--hyperclone-optimizer carry does not support ZeRO CPU offload or MoE layers")
-
-    def scaled_global_norm(self: Any, norm_type: int = 2) -> torch.Tensor:
-        assert norm_type == 2, "only the L2 norm is carried"
+    def small_norm(zero: Any, norms: list[torch.Tensor]) -> torch.Tensor:
         total = None
-        for i, group in enumerate(self.optimizer.param_groups):
-            norm = self.get_grad_norm_direct(self.averaged_gradients[i], self.params_in_partition[i])
+        for group, norm in zip(zero.optimizer.param_groups, norms):
             if norm.item() < 0:  # DeepSpeed's sentinel for inf/NaN: keep it, the step is then skipped
                 return norm
             term = group[CARRY_KEY]["norm_weight"] * norm.double() ** 2
             total = term if total is None else total + term
         return total.sqrt().float()
 
-    zero.scaled_global_norm = types.MethodType(scaled_global_norm, zero)
+    if not install_grad_norm(engine, small_norm):
+        raise ConfigError(f"--hyperclone-optimizer carry needs DeepSpeed's ZeRO-1/2 optimizer without CPU offload or "
+                          f"MoE layers; the engine has {type(engine.optimizer).__name__}")
 
 
 def describe_carry(groups: list[dict], carry: CarrySettings) -> str:
@@ -315,6 +308,7 @@ def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: t
 
     from megaclone.model import global_named_parameters
     from megaclone.train.engine import build_deepspeed_config
+    from megaclone.train.zero_norm import skip_single_rank_all_reduce
 
     assert cfg.parallel.zero_stage in CARRY_ZERO_STAGES and cfg.parallel.pp_size == 1, "checked when planning"
     train = cfg.train
@@ -325,6 +319,7 @@ def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: t
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps,
                                   fused=fused or None)
     scheduler = build_carry_scheduler(train, carry.clone_step, carry.clone.lr_transition, carry.start_lr)
+    skip_single_rank_all_reduce()
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout),
         mpu=layout if layout.pp_size == 1 else None)

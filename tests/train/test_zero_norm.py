@@ -1,0 +1,105 @@
+"""megaclone.train.zero_norm: the ZeRO-1/2 gradient norm is DeepSpeed's, bit for bit, at TP=2 and at DP=2, and so
+is training; an all-reduce over one rank returns the tensor unchanged without a collective."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+import megaclone.train.engine as engine_module
+from megaclone.config import load_run_config
+from megaclone.parallel import TPRNGTracker, build_layout
+from megaclone.train.engine import build_engine, build_model
+from megaclone.train.loop import train_step
+from megaclone.train.zero_norm import group_norms, skip_single_rank_all_reduce
+from tests.distributed import run_distributed
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+STEPS = 3
+
+
+def _engine(tp: int, zero_stage: int, ours: bool):
+    cfg = load_run_config(TINY, ["model.vocab_size=512", f"parallel.tp_size={tp}", f"parallel.zero_stage={zero_stage}",
+                                 "train.grad_clip=0.05"])
+    layout = build_layout(cfg.parallel)
+    torch.manual_seed(cfg.train.seed)
+    module = build_model(cfg, layout, TPRNGTracker(cfg.train.seed, layout.tp_rank))
+    if ours:
+        return cfg, layout, build_engine(cfg, layout, module, torch.device("cpu"))
+    with mock.patch.object(engine_module, "install_grad_norm", lambda engine: False):
+        return cfg, layout, build_engine(cfg, layout, module, torch.device("cpu"))
+
+
+def _batches(cfg, layout) -> list:
+    gen = torch.Generator().manual_seed(1000 + layout.dp_rank)  # each DP rank its own data
+    b, s, v = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    return [(torch.randint(0, v, (b, s), generator=gen), torch.randint(0, v, (b, s), generator=gen))
+            for _ in range(STEPS)]
+
+
+def _worker(rank: int, world: int, tp: int) -> dict:
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    out = {}
+    for stage in (1, 2):
+        cfg, layout, engine = _engine(tp, stage, ours=True)
+        zero = engine.optimizer
+        tokens, targets = _batches(cfg, layout)[0]
+        engine.backward(engine(tokens, targets))  # ZeRO reduces the gradients in the backward epilogue
+        theirs = [DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, zero.averaged_gradients[i],
+                                                              zero.params_in_partition[i])
+                  for i in range(len(zero.bit16_groups))]
+        out[stage] = {"ours": group_norms(zero), "theirs": theirs, "total": zero.scaled_global_norm(),
+                      "total_theirs": DeepSpeedZeroOptimizer.scaled_global_norm(zero)}
+        histories = []
+        for ours in (True, False):
+            cfg, layout, engine = _engine(tp, stage, ours)
+            histories.append([train_step(engine, iter([batch]), layout) for batch in _batches(cfg, layout)])
+        out[stage]["histories"] = histories
+    return out
+
+
+def _check(results: list[dict]) -> None:
+    for result in results:
+        for stage, r in result.items():
+            assert len(r["ours"]) == len(r["theirs"]) >= 2, stage  # decay and no-decay groups
+            for ours, theirs in zip(r["ours"], r["theirs"]):
+                assert ours.item() > 0 and torch.equal(ours, theirs), (stage, ours, theirs)
+            assert torch.equal(r["total"], r["total_theirs"]), stage
+            ours, theirs = r["histories"]
+            assert min(norm for _, norm in ours) > 0.05  # every step is clipped: the norm decides the update
+            assert ours == theirs, stage
+
+
+def test_norm_and_training_equal_deepspeeds_at_tp2() -> None:
+    """TP=2, DP=1: the TP all-reduce runs, the DP one is skipped, TP-replicated tensors count once."""
+    _check(run_distributed(_worker, 2, 2, use_deepspeed=True))
+
+
+def test_norm_and_training_equal_deepspeeds_at_dp2() -> None:
+    """TP=1, DP=2: the partial norms of the two ZeRO partitions are all-reduced."""
+    _check(run_distributed(_worker, 2, 1, use_deepspeed=True))
+
+
+def _single_rank(rank: int, world: int) -> tuple[bool, bool]:
+    import deepspeed.comm as ds_dist
+    import torch.distributed as dist
+    from deepspeed.comm import comm as backend  # holds the initialized backend, `cdb`
+
+    skip_single_rank_all_reduce()
+    skip_single_rank_all_reduce()  # idempotent: one wrapper
+    assert getattr(ds_dist.all_reduce, "skips_single_rank", False)
+    assert not getattr(ds_dist.all_reduce.__wrapped__, "skips_single_rank", False)
+    alone = dist.new_group([0]), dist.new_group([1])
+    x = torch.tensor([1.0 + rank])
+    with mock.patch.object(backend.cdb, "all_reduce", side_effect=AssertionError("collective issued")):
+        ds_dist.all_reduce(x, group=alone[rank])
+    kept = torch.equal(x, torch.tensor([1.0 + rank]))
+    ds_dist.all_reduce(x)  # the world group (2 ranks): a real collective
+    return kept, torch.equal(x, torch.tensor([3.0]))
+
+
+def test_all_reduce_over_one_rank_is_skipped_and_over_two_is_not() -> None:
+    assert run_distributed(_single_rank, 2, use_deepspeed=True) == [(True, True), (True, True)]
