@@ -24,6 +24,8 @@ at least as low as (a).
     python bench/carry_transition.py --widen-at 40 --after 20 --root /tmp/ct   # a minute: the pipeline
     python bench/carry_transition.py --noise-db 10 --transitions 50 100 200
     python bench/carry_transition.py --noise-db 0 --schedule restart --transitions 50 150   # reuses S, (a), (d)
+    python bench/carry_transition.py --root runs/ct_seed1 --seed 1 ...   # another seed: its own root (its own S)
+    python bench/carry_transition.py --summarize            # every recorded seed of each setting, in one table
 """
 
 from __future__ import annotations
@@ -121,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="(b), (c): continue S's schedule, or restart (a)'s at the widening (--hyperclone-schedule)")
     p.add_argument("--eval-iters", type=int, default=16, help="held-out batches per evaluation (fixed set)")
     p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--summarize", action="store_true",
+                   help="only summarize the recorded runs over seeds (docs/results/carry_transition_*.json)")
     args = p.parse_args(argv)
+    if args.summarize:
+        return summarize_seeds(Path(args.docs))
     root = Path(args.root)
     (root / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -166,13 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     tag += "_restart" if restart else ""  # the runs of (a) and (d) are shared, the report is not
     docs = Path(args.docs) / "results"
     docs.mkdir(parents=True, exist_ok=True)
-    plot(curves, docs / f"carry_transition_{tag}.png", f"x2 widening at step {K} ({clone}), seed {args.seed}")
+    plot(curves, docs / f"carry_transition_{tag}.png",
+         f"x2 widening at step {K} ({clone}{', schedule restarted' if restart else ''}), seed {args.seed}")
     raw = {"K": K, "after": AFTER, "eval_interval": EVAL, "lr": args.lr, "lr_at_widening": lr_k, "clone": clone,
            "seed": args.seed, "rows": rows, "curves": {n: {str(s): v for s, v in c.items()} for n, c in curves.items()}}
     tmp = docs / f"carry_transition_{tag}.json.tmp"
     tmp.write_text(json.dumps(raw, indent=1))
     os.replace(tmp, docs / f"carry_transition_{tag}.json")
-    lines = [f"## Widening as a continuation: {clone}, seed {args.seed} (bench/carry_transition.py)", "",
+    schedule_note = ", (b) and (c) with the schedule restarted" if restart else ""
+    lines = [f"## Widening as a continuation: {clone}, seed {args.seed}{schedule_note} (bench/carry_transition.py)", "",
              f"Command: `python bench/carry_transition.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
              "", f"Machine: {machine_line('python')}", "",
              f"S (d=64, 4 layers, vocab {VOCAB}, seq {SEQ_LEN}, {BATCH} sequences/step) trained {K + AFTER} steps "
@@ -200,6 +208,36 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     write_section(Path(args.docs) / "results.md", f"carry_transition_{tag}", lines)
     print(f"[{time.strftime('%H:%M:%S')}] done in {time.time() - t0:.0f} s; curves in {docs}")
+    return 0
+
+
+def summarize_seeds(docs: Path) -> int:
+    """One table over every recorded seed of each setting: per run, each seed's largest gap above (d) and its
+    end minus (a)'s, then their means, and in how many seeds each goal was met."""
+    settings: dict[str, dict[int, dict]] = {}
+    for path in sorted((docs / "results").glob("carry_transition_*_seed*.json")):
+        raw = json.loads(path.read_text())
+        setting = path.stem.removeprefix("carry_transition_").replace(f"_seed{raw['seed']}", "")
+        settings.setdefault(setting, {})[raw["seed"]] = raw["rows"]
+    lines = ["## Widening as a continuation: all seeds (bench/carry_transition.py --summarize)", "",
+             "Per run: the largest gap above (d) and the loss at 300 steps minus (a)'s, for each seed (in the "
+             "seed order given), then the mean; the last column counts the seeds where (b)'s two goals (gap <= "
+             "+0.2%, end <= (a)) were both met.", ""]
+    for setting, seeds in settings.items():
+        order = sorted(seeds)
+        lines += [f"**{setting}**, seeds {', '.join(map(str, order))}", "",
+                  "| run | largest gap above (d), % | mean | end - (a) | mean | both goals met |",
+                  "|---|---|---|---|---|---|"]
+        names = [n for n in seeds[order[0]] if not n.startswith("(d)") and all(n in seeds[s] for s in order)]
+        for name in names:
+            gaps = [100 * seeds[s][name]["max_gap_rel"] for s in order]
+            ends = [seeds[s][name]["final"] - seeds[s]["(a) fresh + re-warmup"]["final"] for s in order]
+            met = sum(g <= 100 * GOAL_GAP and e <= 0 for g, e in zip(gaps, ends)) if name.startswith("(b)") else "-"
+            lines.append(f"| {name} | {' / '.join(f'{g:+.3f}' for g in gaps)} | {sum(gaps) / len(gaps):+.3f} | "
+                         f"{' / '.join(f'{e:+.4f}' for e in ends)} | {sum(ends) / len(ends):+.4f} | {met} |")
+        lines.append("")
+    print("\n".join(lines))
+    write_section(docs / "results.md", "carry_transition_summary", lines)
     return 0
 
 
