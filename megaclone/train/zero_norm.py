@@ -6,7 +6,8 @@ single rank; the gradient all-reduce of the backward epilogue is issued at DP=1 
 visible share of the step (docs/performance.md, "CPU training throughput"). Both shortcuts change no number:
 
 - `group_norms` computes each group's norm as DeepSpeed's `get_grad_norm_direct` does (the same tensors, the same
-  per-tensor norms, summed in the same order), with one `torch._foreach_norm` call per group;
+  fp64 per-tensor norms, summed in the same order), without a converted fp64 copy of every gradient and the
+  per-tensor device and dtype look-ups;
 - an all-reduce over a group of one rank is the identity, so `skip_single_rank_all_reduce` returns at once.
 
 `install_grad_norm` puts the norm on the engine's ZeRO optimizer; carry runs pass per-group weights (the norm the
@@ -64,9 +65,9 @@ def group_norms(zero: Any) -> list[torch.Tensor]:
     dtype = get_norm_dtype()  # fp64 where the device has it: DeepSpeed accumulates the norms in it
     out = []
     for i in range(len(zero.bit16_groups)):
-        grads = [g.to(dtype) for g in _counted_gradients(zero, i)]
-        if grads:
-            total = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum().float()
+        grads = _counted_gradients(zero, i)
+        if grads:  # dtype=: accumulate in fp64 as DeepSpeed does, without a converted copy of every gradient
+            total = torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=dtype) for g in grads]).pow(2.0).sum().float()
         else:
             total = torch.tensor(0.0, dtype=torch.float32, device=zero.device)
         ds_dist.all_reduce(total, op=ds_dist.ReduceOp.SUM, group=zero.dp_process_group)
