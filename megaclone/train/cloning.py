@@ -47,6 +47,8 @@ class CloneSource:
         return clone_factors(self.clone)
 
     def provenance(self) -> dict[str, Any]:
+        from megaclone.train.carry import source_lr
+
         n, m = self.factors
         return {"hyperclone": {
             "source": str(self.path.resolve()), "source_step": self.manifest.step,
@@ -54,7 +56,7 @@ class CloneSource:
             "factor": n, "ffn_factor": m, "variant": self.clone.variant, "noise_db": self.clone.noise_db,
             "seed": self.clone.seed, "optimizer": self.clone.optimizer, "lr_transition": self.clone.lr_transition,
             "data": "continue" if self.clone.continues_data else "restart",
-            **({"schedule": "restart", "source_lr": self.manifest.optimizer["scheduler"]["last_lr"][0]}
+            **({"schedule": "restart", "source_lr": source_lr(self.manifest, self.path)}
                if self.clone.schedule == "restart" else {})}}
 
 
