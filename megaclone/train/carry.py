@@ -45,7 +45,7 @@ from megaclone.checkpoint import Manifest
 from megaclone.clone import CarryFactors, carry_factors, clone_factors, widen_model_config
 from megaclone.config import CloneConfig, ConfigError, ModelConfig, RunConfig, TrainConfig, model_config_from_dict
 from megaclone.spec import spec_table
-from megaclone.train.optim import build_param_groups, lr_factor
+from megaclone.train.optim import adamw, build_param_groups, lr_factor
 
 log = logging.getLogger("megaclone.train")
 
@@ -304,25 +304,16 @@ def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: t
 
     `module` holds the widened weights already; returns (engine, the AdamW groups as built).
     """
-    import deepspeed
-
     from megaclone.model import global_named_parameters
-    from megaclone.train.engine import build_deepspeed_config
-    from megaclone.train.zero_norm import skip_single_rank_all_reduce
+    from megaclone.train.engine import initialize_engine
 
     assert cfg.parallel.zero_stage in CARRY_ZERO_STAGES and cfg.parallel.pp_size == 1, "checked when planning"
     train = cfg.train
     module.to(device)
     params = global_named_parameters(module, cfg.model)
     groups = build_carry_param_groups(params, carry.small, carry.clone, train)
-    fused = all(p.is_cuda for p in params.values())
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps,
-                                  fused=fused or None)
     scheduler = build_carry_scheduler(train, carry.clone_step, carry.clone.lr_transition, carry.start_lr)
-    skip_single_rank_all_reduce()
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout),
-        mpu=layout if layout.pp_size == 1 else None)
+    engine = initialize_engine(cfg, layout, module, adamw(groups, train), scheduler, device)
     install_small_norm_clipping(engine)
     return engine, groups
 

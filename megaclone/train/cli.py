@@ -128,7 +128,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for (section, key), value in flags.items():
         if value is not None:
-            out.setdefault(section, {})[key] = None if value == NO_NOISE else value
+            out.setdefault(section, {})[key] = None if (key, value) == ("noise_db", NO_NOISE) else value
     return out
 
 

@@ -69,17 +69,24 @@ def build_engine(cfg: RunConfig, layout: Layout, module: nn.Module, device: torc
     PP=1 passes the layout as DeepSpeed's `mpu` (data-parallel groups, TP-aware clipping); the
     pipeline module carries its own topology.
     """
-    import deepspeed
-
     module.to(device)
     params = global_named_parameters(module, cfg.model)
-    optimizer = build_optimizer(params, cfg.model, cfg.train)
-    scheduler: Callable = build_lr_scheduler(cfg.train)
+    engine = initialize_engine(cfg, layout, module, build_optimizer(params, cfg.model, cfg.train),
+                               build_lr_scheduler(cfg.train), device)
+    install_grad_norm(engine)
+    return engine
+
+
+def initialize_engine(cfg: RunConfig, layout: Layout, module: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: Callable, device: torch.device) -> Any:
+    """`deepspeed.initialize` of `module` (already on `device`) with our optimizer and schedule; shared by the
+    plain and the carry engines."""
+    import deepspeed
+
     skip_single_rank_all_reduce()
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout, device),
         mpu=layout if layout.pp_size == 1 else None)
-    install_grad_norm(engine)
     return engine
 
 

@@ -34,11 +34,16 @@ def build_param_groups(params: dict[str, nn.Parameter], cfg: ModelConfig, train:
     return [g for g in groups if g["params"]]
 
 
+def adamw(groups: list[dict], train: TrainConfig) -> torch.optim.AdamW:
+    """torch's AdamW over `groups` (fused on CUDA): no DeepSpeed op compilation, same math on CPU and GPU."""
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps,
+                             fused=fused or None)
+
+
 def build_optimizer(params: dict[str, nn.Parameter], cfg: ModelConfig, train: TrainConfig) -> torch.optim.AdamW:
-    """torch's AdamW (fused on CUDA): no DeepSpeed op compilation, same math on CPU and GPU."""
-    fused = all(p.is_cuda for p in params.values())
-    return torch.optim.AdamW(build_param_groups(params, cfg, train), lr=train.lr, betas=(train.beta1, train.beta2),
-                             eps=train.adam_eps, fused=fused or None)
+    """AdamW with the run's parameter groups (decay on matrices and embeddings only)."""
+    return adamw(build_param_groups(params, cfg, train), train)
 
 
 def lr_factor(train: TrainConfig) -> Callable[[int], float]:

@@ -25,7 +25,7 @@ from megaclone.train.carry import (
     restarted,
     transition_progress,
 )
-from megaclone.train.optim import build_param_groups, lr_factor
+from megaclone.train.optim import adamw, build_param_groups, lr_factor
 from tests.clone import dict_reader, small_config
 from tests.train.conftest import TINY, launch, metrics
 
@@ -62,10 +62,6 @@ def small_model(arch: str) -> tuple[ModelConfig, ReferenceGPT]:
     cfg = small_config("mha-gelu-ln-rope-bias-tied", **ARCHS[arch])
     torch.manual_seed(0)
     return cfg, ReferenceGPT(cfg)
-
-
-def adamw(groups: list[dict], train: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps)
 
 
 def train_step(model: ReferenceGPT, opt: torch.optim.Optimizer, sched, batch, clip) -> tuple[float, float]:
