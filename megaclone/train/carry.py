@@ -23,7 +23,7 @@ pull the blend towards zero.
 Clipping (the choice): DeepSpeed clips inside `engine.step` on its own norm. ZeRO-1/2 compute that norm in
 one method, `scaled_global_norm`, as the combination of per-group norms that are already reduced over DP and
 TP; `install_small_norm_clipping` replaces it on the engine's ZeRO optimizer with the weighted combination
-(megaclone.train.zero_norm).
+(megaclone.train.zero_fast).
 The clip coefficient, the logged grad_norm and the partitioned gradients then behave exactly as in the small
 run, at any DP size and for the pipeline engine (ZeRO-1) too; no gradient is touched twice. ZeRO-0 and ZeRO-3
 use other code paths and are refused for carry runs.
@@ -213,7 +213,7 @@ def clip_to_small_norm_(groups: list[dict], max_norm: float) -> torch.Tensor:
 
 def install_small_norm_clipping(engine: Any) -> None:
     """Make the engine's ZeRO-1/2 optimizer clip on the small model's norm (see the module docstring)."""
-    from megaclone.train.zero_norm import install_grad_norm
+    from megaclone.train.zero_fast import install_grad_norm
 
     def small_norm(zero: Any, norms: list[torch.Tensor]) -> torch.Tensor:
         total = None

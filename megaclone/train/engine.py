@@ -17,7 +17,7 @@ from megaclone.config import RunConfig
 from megaclone.model import GPT, build_pipeline_module, global_named_parameters, init_params
 from megaclone.parallel import Layout, TPRNGTracker
 from megaclone.train.optim import build_lr_scheduler, build_optimizer
-from megaclone.train.zero_norm import install_grad_norm, skip_single_rank_all_reduce
+from megaclone.train.zero_fast import install_engine_shortcuts, install_grad_norm, skip_single_rank_all_reduce
 
 log = logging.getLogger("megaclone.train")
 
@@ -87,6 +87,7 @@ def initialize_engine(cfg: RunConfig, layout: Layout, module: nn.Module, optimiz
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout, device),
         mpu=layout if layout.pp_size == 1 else None)
+    install_engine_shortcuts(engine)
     return engine
 
 

@@ -1,14 +1,19 @@
-"""ZeRO-1/2's gradient norm without DeepSpeed's per-tensor Python loop, and all-reduces over one rank skipped.
+"""DeepSpeed ZeRO-1/2 steps without work that changes no number: the gradient norm without DeepSpeed's per-tensor
+Python loop, and no communication or copies over a data-parallel group of one rank.
 
-DeepSpeed 0.19's `scaled_global_norm` takes one `vector_norm` per gradient tensor in a Python loop (two `.to`
-calls each) and all-reduces every group's partial norm over the data-parallel group, also when that group is a
-single rank; the gradient all-reduce of the backward epilogue is issued at DP=1 too. For small models that is a
-visible share of the step (docs/performance.md, "CPU training throughput"). Both shortcuts change no number:
+DeepSpeed 0.19 spends a visible share of a small model's step (docs/performance.md, "CPU training throughput") on
+work whose result is known in advance. Every shortcut here leaves every number as DeepSpeed computes it
+(tests/train/test_zero_fast.py compares norms and training histories bit for bit):
 
 - `group_norms` computes each group's norm as DeepSpeed's `get_grad_norm_direct` does (the same tensors, the same
   fp64 per-tensor norms, summed in the same order), without a converted fp64 copy of every gradient and the
   per-tensor device and dtype look-ups;
-- an all-reduce over a group of one rank is the identity, so `skip_single_rank_all_reduce` returns at once.
+- an all-reduce over a group of one rank is the identity, so `skip_single_rank_all_reduce` returns at once;
+- the backward epilogue flattens each gradient bucket, divides it by the DP size, all-reduces it and copies it
+  back into the gradients: over one rank (and in the gradients' own dtype) that is the identity, and
+  `install_engine_shortcuts` skips it;
+- after every step ZeRO re-points each parameter at its slice of the flat buffer ("probably not needed", its
+  comment says); the shortcut re-points only parameters that no longer view their slice.
 
 `install_grad_norm` puts the norm on the engine's ZeRO optimizer; carry runs pass per-group weights (the norm the
 small model would see, megaclone.train.carry).
@@ -78,15 +83,24 @@ def group_norms(zero: Any) -> list[torch.Tensor]:
     return out
 
 
+def _zero_optimizer(engine: Any) -> Any:
+    """The engine's ZeRO-1/2 optimizer when it takes the code paths patched here, else None."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = engine.optimizer
+    if not isinstance(zero, DeepSpeedZeroOptimizer) or zero.cpu_offload or zero.has_moe_layers:
+        return None
+    return zero
+
+
 def install_grad_norm(engine: Any, combine: Callable[[Any, list[torch.Tensor]], torch.Tensor] | None = None) -> bool:
     """Replace the ZeRO-1/2 optimizer's `scaled_global_norm` (what clipping and the logged grad_norm use) with
     `group_norms` combined by `combine(zero, norms)` (default: DeepSpeed's own L2 combination). Returns False,
     changing nothing, for engines without that optimizer or with CPU offload or MoE layers (other code paths)."""
     from deepspeed.runtime.utils import combine_grad_norm_groups
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    zero = engine.optimizer
-    if not isinstance(zero, DeepSpeedZeroOptimizer) or zero.cpu_offload or zero.has_moe_layers:
+    zero = _zero_optimizer(engine)
+    if zero is None:
         return False
 
     def scaled_global_norm(self: Any, norm_type: int = 2) -> torch.Tensor:
@@ -95,4 +109,46 @@ def install_grad_norm(engine: Any, combine: Callable[[Any, list[torch.Tensor]], 
         return combine_grad_norm_groups(norms) if combine is None else combine(self, norms)
 
     zero.scaled_global_norm = types.MethodType(scaled_global_norm, zero)
+    return True
+
+
+def _allreduce_and_copy(self: Any, small_bucket: list[torch.Tensor], communication_data_type: torch.dtype,
+                        rank: int | None = None, log: Any = None, divide: bool = True, process_group: Any = None,
+                        output_bucket: list[torch.Tensor | None] | None = None) -> None:
+    """DeepSpeed's `allreduce_and_copy`, returning at once where it would reduce over one rank: dividing by 1,
+    an all-reduce of one tensor and copying the values back onto themselves change nothing. Not where the
+    bucket is cast to another communication dtype (that round trip rounds) or added to partition buffers."""
+    from deepspeed import comm as ds_dist
+
+    group = self.dp_process_group if process_group is None else process_group
+    if (ds_dist.get_world_size(group=group) == 1 and self.sequence_parallel_size == 1
+            and all(t.dtype == communication_data_type for t in small_bucket)
+            and (output_bucket is None or all(o is None for o in output_bucket))):
+        return
+    type(self).allreduce_and_copy(self, small_bucket, communication_data_type, rank, log, divide, process_group,
+                                  output_bucket)
+
+
+def _update_model_bit16_weights(self: Any, group: int) -> None:
+    """DeepSpeed's method, run only when some parameter of the group no longer views its slice of the flat
+    buffer (after `.data` was replaced, or the buffer moved); otherwise it would set every `.data` to itself."""
+    flat = self.bit16_groups_flat[group]
+    base, size = flat.data_ptr(), flat.element_size()
+    ordered = self.round_robin_bit16_groups[group]
+    in_place = all(p.data_ptr() == base + offset * size and p.shape == meta.shape
+                   for p, meta, offset in zip(ordered, self.round_robin_bit16_meta[group],
+                                              self.round_robin_bit16_offsets[group]))
+    if not (in_place and all(p is ordered[j]
+                             for p, j in zip(self.bit16_groups[group], self.round_robin_bit16_indices[group]))):
+        type(self)._update_model_bit16_weights(self, group)
+
+
+def install_engine_shortcuts(engine: Any) -> bool:
+    """Put the two step shortcuts of the module docstring on the engine's ZeRO-1/2 optimizer. Returns False,
+    changing nothing, for other optimizers (ZeRO-0 and 3, CPU offload, MoE)."""
+    zero = _zero_optimizer(engine)
+    if zero is None:
+        return False
+    zero.allreduce_and_copy = types.MethodType(_allreduce_and_copy, zero)
+    zero._update_model_bit16_weights = types.MethodType(_update_model_bit16_weights, zero)
     return True

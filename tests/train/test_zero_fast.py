@@ -1,5 +1,7 @@
-"""megaclone.train.zero_norm: the ZeRO-1/2 gradient norm is DeepSpeed's, bit for bit, at TP=2 and at DP=2, and so
-is training; an all-reduce over one rank returns the tensor unchanged without a collective."""
+"""megaclone.train.zero_fast: the ZeRO-1/2 gradient norm is DeepSpeed's, bit for bit, at TP=2 and at DP=2, and so
+is training with every shortcut; an all-reduce over one rank returns the tensor unchanged without a collective;
+the gradient buckets are flattened only where there is a DP group to reduce over; a parameter whose storage was
+replaced is pointed back at its slice of the flat buffer."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from megaclone.config import load_run_config
 from megaclone.parallel import TPRNGTracker, build_layout
 from megaclone.train.engine import build_engine, build_model
 from megaclone.train.loop import train_step
-from megaclone.train.zero_norm import group_norms, skip_single_rank_all_reduce
+from megaclone.train.zero_fast import group_norms, skip_single_rank_all_reduce
 from tests.distributed import run_distributed
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -28,8 +30,28 @@ def _engine(tp: int, zero_stage: int, ours: bool):
     module = build_model(cfg, layout, TPRNGTracker(cfg.train.seed, layout.tp_rank))
     if ours:
         return cfg, layout, build_engine(cfg, layout, module, torch.device("cpu"))
-    with mock.patch.object(engine_module, "install_grad_norm", lambda engine: False):
+    with (mock.patch.object(engine_module, "install_grad_norm", lambda engine: False),
+          mock.patch.object(engine_module, "install_engine_shortcuts", lambda engine: False)):
         return cfg, layout, build_engine(cfg, layout, module, torch.device("cpu"))
+
+
+def _flattens_in_backward(zero, engine, batch) -> int:
+    """How many buckets the backward epilogue flattens (for the all-reduce)."""
+    with mock.patch.object(zero, "flatten", wraps=zero.flatten) as flatten:
+        engine.backward(engine(*batch))
+    return flatten.call_count
+
+
+def _repoints_replaced_storage(engine, layout, batches) -> bool:
+    """Give one parameter a storage of its own: after the next step it views the flat buffer again and trains."""
+    zero = engine.optimizer
+    p = zero.bit16_groups[0][0]
+    p.data = p.data.clone()
+    before = p.detach().clone()
+    train_step(engine, iter(batches), layout)
+    flat = zero.bit16_groups_flat[0]
+    inside = flat.data_ptr() <= p.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+    return inside and not torch.equal(p.detach(), before)
 
 
 def _batches(cfg, layout) -> list:
@@ -47,12 +69,15 @@ def _worker(rank: int, world: int, tp: int) -> dict:
         cfg, layout, engine = _engine(tp, stage, ours=True)
         zero = engine.optimizer
         tokens, targets = _batches(cfg, layout)[0]
-        engine.backward(engine(tokens, targets))  # ZeRO reduces the gradients in the backward epilogue
+        flattened = _flattens_in_backward(zero, engine, (tokens, targets))  # ZeRO reduces in the epilogue
         theirs = [DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, zero.averaged_gradients[i],
                                                               zero.params_in_partition[i])
                   for i in range(len(zero.bit16_groups))]
         out[stage] = {"ours": group_norms(zero), "theirs": theirs, "total": zero.scaled_global_norm(),
-                      "total_theirs": DeepSpeedZeroOptimizer.scaled_global_norm(zero)}
+                      "total_theirs": DeepSpeedZeroOptimizer.scaled_global_norm(zero), "flattened": flattened,
+                      "dp": layout.dp_size}
+        zero.zero_grad()
+        out[stage]["repointed"] = _repoints_replaced_storage(engine, layout, _batches(cfg, layout)[1:2])
         histories = []
         for ours in (True, False):
             cfg, layout, engine = _engine(tp, stage, ours)
@@ -71,6 +96,8 @@ def _check(results: list[dict]) -> None:
             ours, theirs = r["histories"]
             assert min(norm for _, norm in ours) > 0.05  # every step is clipped: the norm decides the update
             assert ours == theirs, stage
+            assert (r["flattened"] > 0) == (r["dp"] > 1), (stage, r["flattened"], r["dp"])
+            assert r["repointed"], stage
 
 
 def test_norm_and_training_equal_deepspeeds_at_tp2() -> None:
