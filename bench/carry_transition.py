@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     runs[f"(c) carry{how}, immediate jump"] = ([*carried, "--hyperclone-lr-transition", "0"], carry_train, K)
     noise = "no noise" if args.noise_db is None else f"{args.noise_db:g} dB zero-sum noise"
     clone = f"{args.variant}, {noise}"
-    tag = f"{args.variant}_{'nonoise' if args.noise_db is None else f'{args.noise_db:g}dB'}_seed{args.seed}"
+    defaults = (p.get_default("widen_at"), p.get_default("after"))
+    horizon = "" if (K, AFTER) == defaults else f"_K{K}_after{AFTER}"  # another S: its own report and summary row
+    tag = f"{args.variant}_{'nonoise' if args.noise_db is None else f'{args.noise_db:g}dB'}{horizon}_seed{args.seed}"
     curves = {"(d) small continued": held_out(small_dir, K)}
     for name, (flags, train, offset) in runs.items():
         slug = name.split(")")[0].strip("(") + "_" + "".join(ch if ch.isalnum() else "_" for ch in name[4:]).strip("_")
@@ -180,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(raw, indent=1))
     os.replace(tmp, docs / f"carry_transition_{tag}.json")
     schedule_note = ", (b) and (c) with the schedule restarted" if restart else ""
-    lines = [f"## Widening as a continuation: {clone}, seed {args.seed}{schedule_note} (bench/carry_transition.py)", "",
+    where = f", widened at step {K}, {AFTER} steps after" if horizon else ""
+    title = f"Widening as a continuation: {clone}{where}, seed {args.seed}{schedule_note}"
+    lines = [f"## {title} (bench/carry_transition.py)", "",
              f"Command: `python bench/carry_transition.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
              "", f"Machine: {machine_line('python')}", "",
              f"S (d=64, 4 layers, vocab {VOCAB}, seq {SEQ_LEN}, {BATCH} sequences/step) trained {K + AFTER} steps "
@@ -220,7 +224,7 @@ def summarize_seeds(docs: Path) -> int:
         setting = path.stem.removeprefix("carry_transition_").replace(f"_seed{raw['seed']}", "")
         settings.setdefault(setting, {})[raw["seed"]] = raw["rows"]
     lines = ["## Widening as a continuation: all seeds (bench/carry_transition.py --summarize)", "",
-             "Per run: the largest gap above (d) and the loss at 300 steps minus (a)'s, for each seed (in the "
+             "Per run: the largest gap above (d) and the loss at the last step minus (a)'s, for each seed (in the "
              "seed order given), then the mean; the last column counts the seeds where (b)'s two goals (gap <= "
              "+0.2%, end <= (a)) were both met.", ""]
     for setting, seeds in settings.items():

@@ -22,6 +22,7 @@ small model would see, megaclone.train.carry).
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from collections.abc import Callable
 from typing import Any
@@ -143,12 +144,31 @@ def _update_model_bit16_weights(self: Any, group: int) -> None:
         type(self)._update_model_bit16_weights(self, group)
 
 
-def install_engine_shortcuts(engine: Any) -> bool:
-    """Put the two step shortcuts of the module docstring on the engine's ZeRO-1/2 optimizer. Returns False,
-    changing nothing, for other optimizers (ZeRO-0 and 3, CPU offload, MoE)."""
+# Each shortcut replaces one DeepSpeed method: (its parameters, the optimizer attributes the shortcut reads).
+# Installed only where DeepSpeed's method has exactly these parameters (0.19; setup.cfg allows older releases).
+_SHORTCUTS: dict[str, tuple[Callable[..., None], list[str], list[str]]] = {
+    "allreduce_and_copy": (
+        _allreduce_and_copy,
+        ["self", "small_bucket", "communication_data_type", "rank", "log", "divide", "process_group", "output_bucket"],
+        ["dp_process_group", "sequence_parallel_size"]),
+    "_update_model_bit16_weights": (
+        _update_model_bit16_weights, ["self", "group_index"],
+        ["bit16_groups", "bit16_groups_flat", "round_robin_bit16_groups", "round_robin_bit16_meta",
+         "round_robin_bit16_offsets", "round_robin_bit16_indices"]),
+}
+
+
+def install_engine_shortcuts(engine: Any) -> list[str]:
+    """Put the two step shortcuts of the module docstring on the engine's ZeRO-1/2 optimizer; returns the names
+    of the methods replaced (none for other optimizers: ZeRO-0 and 3, CPU offload, MoE)."""
     zero = _zero_optimizer(engine)
     if zero is None:
-        return False
-    zero.allreduce_and_copy = types.MethodType(_allreduce_and_copy, zero)
-    zero._update_model_bit16_weights = types.MethodType(_update_model_bit16_weights, zero)
-    return True
+        return []
+    installed = []
+    for name, (shortcut, params, attrs) in _SHORTCUTS.items():
+        original = getattr(type(zero), name, None)
+        if original is not None and list(inspect.signature(original).parameters) == params \
+                and all(hasattr(zero, a) for a in attrs):
+            setattr(zero, name, types.MethodType(shortcut, zero))
+            installed.append(name)
+    return installed

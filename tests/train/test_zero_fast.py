@@ -31,7 +31,7 @@ def _engine(tp: int, zero_stage: int, ours: bool):
     if ours:
         return cfg, layout, build_engine(cfg, layout, module, torch.device("cpu"))
     with (mock.patch.object(engine_module, "install_grad_norm", lambda engine: False),
-          mock.patch.object(engine_module, "install_engine_shortcuts", lambda engine: False)):
+          mock.patch.object(engine_module, "install_engine_shortcuts", lambda engine: [])):
         return cfg, layout, build_engine(cfg, layout, module, torch.device("cpu"))
 
 
