@@ -240,9 +240,50 @@ def summarize_seeds(docs: Path) -> int:
             lines.append(f"| {name} | {' / '.join(f'{g:+.3f}' for g in gaps)} | {sum(gaps) / len(gaps):+.3f} | "
                          f"{' / '.join(f'{e:+.4f}' for e in ends)} | {sum(ends) / len(ends):+.4f} | {met} |")
         lines.append("")
+    plot_tradeoff(settings, docs / "results" / "carry_transition_tradeoff.png")
+    lines += ["Every carried run of every setting and seed, as (largest gap above (d), end minus (a)); the goal is the "
+              "shaded corner:", "", "![gap against end](results/carry_transition_tradeoff.png)", ""]
     print("\n".join(lines))
     write_section(docs / "results.md", "carry_transition_summary", lines)
     return 0
+
+
+def plot_tradeoff(settings: dict[str, dict[int, dict]], path: Path) -> None:
+    """Each (b) and (c) run of each setting and seed as one point: x its largest gap above (d) in %, y its end
+    minus (a)'s, labelled with its transition (0: (c)); (a)'s gaps on y = 0; the goal region shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>"
+    for i, (setting, seeds) in enumerate(settings.items()):
+        for j, seed in enumerate(sorted(seeds)):
+            rows = seeds[seed]
+            fresh = rows["(a) fresh + re-warmup"]["final"]
+            ax.scatter(100 * rows["(a) fresh + re-warmup"]["max_gap_rel"], 0.0, color="k", marker="x", s=28,
+                       label="(a) fresh (0 by definition)" if i == j == 0 else None)
+            for name, r in rows.items():
+                if not name.startswith(("(b)", "(c)")):
+                    continue
+                x, y = 100 * r["max_gap_rel"], r["final"] - fresh
+                label = f"{setting}, seed {seed}" if name.startswith("(c)") else None  # one legend entry per series
+                ax.scatter(x, y, color=colors[i % len(colors)], marker=markers[j % len(markers)], s=28, label=label)
+                ax.annotate("0" if name.startswith("(c)") else name.rsplit(" ", 1)[-1], (x, y), fontsize=6,
+                            xytext=(3, 2), textcoords="offset points")
+    ax.fill_between([min(0.0, ax.get_xlim()[0]), 100 * GOAL_GAP], ax.get_ylim()[0], 0, color="green", alpha=0.12,
+                    label="goal: gap <= 0.2% and end <= (a)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(100 * GOAL_GAP, color="k", ls=":", lw=1)
+    ax.set(xlabel="largest gap above (d), the small model continued, %", ylabel="held-out loss at the end minus (a)'s",
+           title="Carried runs: each point one transition T (label) of one setting and seed")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 def _train_cfg(iters: int, lr: float, min_lr: float, warmup: int):

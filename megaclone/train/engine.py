@@ -87,7 +87,9 @@ def initialize_engine(cfg: RunConfig, layout: Layout, module: nn.Module, optimiz
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout, device),
         mpu=layout if layout.pp_size == 1 else None)
-    install_engine_shortcuts(engine)
+    shortcuts = install_engine_shortcuts(engine)
+    if shortcuts:
+        log.info("ZeRO step shortcuts that change no number (megaclone.train.zero_fast): %s", ", ".join(shortcuts))
     return engine
 
 
