@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from hyperclone_speedup import SEQ_LEN, SMALL_MODEL, VOCAB, launch, machine_line, wide_model, write_config  # noqa: E402
-from report import write_section  # noqa: E402
+from report import save_png, write_section  # noqa: E402
 
 from megaclone.train import read_metrics  # noqa: E402
 from megaclone.train.optim import lr_factor  # noqa: E402
@@ -104,9 +104,7 @@ def plot(curves: dict[str, dict[int, float]], path: Path, title: str) -> None:
              ylabel="held-out loss above (d), %")
     ax_g.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,9 +279,7 @@ def plot_tradeoff(settings: dict[str, dict[int, dict]], path: Path) -> None:
            title="Carried runs: each point one transition T (label) of one setting and seed")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def _train_cfg(iters: int, lr: float, min_lr: float, warmup: int):

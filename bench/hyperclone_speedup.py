@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from report import write_section  # noqa: E402
+from report import save_png, write_section  # noqa: E402
 
 from megaclone.clone import widen_model_config  # noqa: E402
 from megaclone.config import model_config_from_dict  # noqa: E402
@@ -329,9 +329,7 @@ def plot(curves: dict[str, dict], best: dict[str, float], budget: Budget, small:
     ax_a.set_yscale("symlog", linthresh=1e-6)
     ax_a.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def _fmt(d: dict, digits: int = 3) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 HEADER = ("# Results\n\nMeasured by the scripts in `bench/`; each section is written by the script it names, which "
           "replaces only its own section when it is run again. Raw curves and plots are in `results/`.\n")
@@ -29,4 +30,11 @@ def write_section(path: Path, name: str, lines: list[str]) -> None:
     body = "\n".join(lines).strip("\n")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+    os.replace(tmp, path)
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure to `path` under a temporary name, renamed when complete."""
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
