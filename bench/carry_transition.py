@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from hyperclone_speedup import SEQ_LEN, SMALL_MODEL, VOCAB, launch, machine_line, wide_model, write_config  # noqa: E402
 from report import save_png, write_section  # noqa: E402
 
+from megaclone.checkpoint.manifest import atomic_write_text  # noqa: E402
 from megaclone.train import read_metrics  # noqa: E402
 from megaclone.train.optim import lr_factor  # noqa: E402
 
@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
          f"x2 widening at step {K} ({clone}{', schedule restarted' if restart else ''}), seed {args.seed}")
     raw = {"K": K, "after": AFTER, "eval_interval": EVAL, "lr": args.lr, "lr_at_widening": lr_k, "clone": clone,
            "seed": args.seed, "rows": rows, "curves": {n: {str(s): v for s, v in c.items()} for n, c in curves.items()}}
-    tmp = docs / f"carry_transition_{tag}.json.tmp"
-    tmp.write_text(json.dumps(raw, indent=1))
-    os.replace(tmp, docs / f"carry_transition_{tag}.json")
+    atomic_write_text(docs / f"carry_transition_{tag}.json", json.dumps(raw, indent=1))
     schedule_note = ", (b) and (c) with the schedule restarted" if restart else ""
     where = f", widened at step {K}, {AFTER} steps after" if horizon else ""
     title = f"Widening as a continuation: {clone}{where}, seed {args.seed}{schedule_note}"

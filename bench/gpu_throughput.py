@@ -33,6 +33,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from megaclone.checkpoint.manifest import atomic_write_text  # noqa: E402
 from megaclone.config import ModelConfig, RunConfig, load_run_config  # noqa: E402
 from megaclone.model import GPT, global_named_parameters  # noqa: E402
 from megaclone.spec import build_param_specs  # noqa: E402
@@ -234,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_describe(r), flush=True)
         results.append(r)
     if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(args.json)
+        atomic_write_text(args.json, json.dumps(results, indent=1))
     if use_deepspeed:
         import torch.distributed as dist
 

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from report import save_png, write_section  # noqa: E402
 
+from megaclone.checkpoint.manifest import atomic_write_text  # noqa: E402
 from megaclone.clone import widen_model_config  # noqa: E402
 from megaclone.config import model_config_from_dict  # noqa: E402
 from megaclone.train import read_metrics  # noqa: E402
@@ -111,9 +112,7 @@ def write_config(path: Path, values: dict) -> Path:
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(values, sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
     return path
 
 
@@ -455,9 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(curves, best, budget, small, docs / "results" / f"{name}.png")
     raw = {"quick": args.quick, "budget": asdict(budget), "tokens_per_step": TOKENS_PER_STEP, "small": small,
            "small_summary": small_info, "best_lr": best, "rows": rows, "curves": curves}
-    tmp = docs / "results" / f"{name}.json.tmp"
-    tmp.write_text(json.dumps(raw, indent=1))
-    os.replace(tmp, docs / "results" / f"{name}.json")
+    atomic_write_text(docs / "results" / f"{name}.json", json.dumps(raw, indent=1))
     command = " ".join(["python bench/hyperclone_speedup.py", *(argv if argv is not None else sys.argv[1:])])
     total = time.time() - t0
     walls = [recorded_wall(root / "wide" / name) for name in curves]

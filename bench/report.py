@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megaclone.checkpoint.manifest import atomic_write_text
+
 HEADER = ("# Results\n\nMeasured by the scripts in `bench/`; each section is written by the script it names, which "
           "replaces only its own section when it is run again. Raw curves and plots are in `results/`.\n")
 
@@ -28,9 +30,7 @@ def write_section(path: Path, name: str, lines: list[str]) -> None:
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
     body = "\n".join(lines).strip("\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
-    os.replace(tmp, path)
+    atomic_write_text(path, f"{head}{begin}\n{body}\n{end}{tail}")
 
 
 def save_png(fig: Any, path: Path) -> None:
