@@ -34,6 +34,8 @@ from megaclone.train.cloning import (
     build_rank_clone,
     check_preservation,
     continue_data_position,
+    depth_monitor,
+    describe_preservation,
     inject_fp32_masters,
     symmetry_monitor,
 )
@@ -152,8 +154,10 @@ def run(plan: RunPlan) -> float | None:
         if plan.clone is not None:  # function preservation, then the baseline the cloned run starts from
             stats = check_preservation(engine, layout, plan.clone, eval_set[0], cfg.train.precision)
             logger.event("clone", start_step, **stats, **plan.clone.provenance()["hyperclone"])
-            logger.info("hyperclone: " + " ".join(f"{k}={v:.6g}" for k, v in stats.items()))
+            logger.info(describe_preservation(plan.clone, stats))
             ctx.monitors.append(symmetry_monitor(engine, module, layout, plan.clone))
+            if plan.clone.depth.grown:
+                ctx.monitors.append(depth_monitor(module, layout, plan.clone))
             run_eval(ctx, start_step)
         final = train(ctx)
         if save is not None and start_step == cfg.train.train_iters == 0:  # e.g. a widened checkpoint at step 0
