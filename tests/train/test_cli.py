@@ -142,7 +142,12 @@ def test_clone_defaults_and_the_warning_without_symmetry_breaking(small_ckpt: Pa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--hyperclone", "2"], r"clone.factor \(--hyperclone\) needs clone.init_from \(--init-from\)"),
+    (["--hyperclone", "2"], r"clone.factor \(--hyperclone\) and clone.grow_layers \(--grow-layers\) need "
+                            r"clone.init_from \(--init-from\)"),
+    (["--grow-layers", "8"], r"need clone.init_from \(--init-from\)"),
+    (["--init-from", "{ckpt}", "--hyperclone", "1"], r"clone.factor \(--hyperclone\) = 1 keeps the width"),
+    (["--init-from", "{ckpt}", "--hyperclone", "2", "--hyperclone-groups", "3"],
+     r"clone.groups_factor \(--hyperclone-groups\) = 3: expected a divisor of clone.factor"),
     (["--init-from", "{ckpt}"], r"--init-from needs --hyperclone"),
     (["--init-from", "{ckpt}", "--hyperclone", "2", "--set", "model.hidden_size=32"],
      r"--set model.hidden_size: cannot be set for a cloned run"),
@@ -154,16 +159,18 @@ def test_bad_clone_flags(argv: list[str], message: str, small_ckpt: Path) -> Non
         plan([a.format(ckpt=small_ckpt) for a in argv])
 
 
-@pytest.mark.parametrize("factor, shown", [("1", "1"), ("1.5", "'1.5'"), ("two", "'two'"), ("-2", "-2")])
-def test_clone_factor_must_be_integer_at_least_2(factor: str, shown: str, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("flag", ["--hyperclone", "--hyperclone-groups", "--grow-layers"])
+@pytest.mark.parametrize("factor, shown", [("0", "0"), ("1.5", "'1.5'"), ("two", "'two'"), ("-2", "-2")])
+def test_clone_factor_must_be_positive_integer(flag: str, factor: str, shown: str,
+                                               capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--init-from", "x", f"--hyperclone={factor}"])
+        parse_args(["--init-from", "x", f"{flag}={factor}"])
     assert exit_info.value.code == 2
-    assert f"argument --hyperclone: expected an integer >= 2, got {shown}" in capsys.readouterr().err
+    assert f"argument {flag}: expected an integer >= 1, got {shown}" in capsys.readouterr().err
 
 
 def test_clone_groups_not_divisible_by_target_tp(small_ckpt: Path) -> None:
-    with pytest.raises(ValueError, match=r"after widening .* x2 .*num_query_groups=8 .*parallel.tp_size=3"):
+    with pytest.raises(ValueError, match=r"after growing .* x2 .*num_query_groups=8 .*parallel.tp_size=3"):
         plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--tp", "3"], world_size=3)
 
 
