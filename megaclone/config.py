@@ -301,6 +301,9 @@ class CloneConfig:
         if self.grow_method not in GROW_METHODS:
             raise ConfigError(f"clone.grow_method (--grow-method) = {self.grow_method!r}: expected one of "
                               f"{GROW_METHODS}")
+        if self.grow_method != "zero" and not self.grow_layers:
+            raise ConfigError(f"clone.grow_method (--grow-method) = {self.grow_method!r} needs clone.grow_layers "
+                              "(--grow-layers L): the depth is kept")
         if self.optimizer == "carry" and self.groups_factor not in (None, n):
             raise ConfigError(f"clone.optimizer (--hyperclone-optimizer) = 'carry' with clone.groups_factor "
                               f"(--hyperclone-groups) = {self.groups_factor} < {n}: the k and v rows of a query group "

@@ -174,6 +174,41 @@ def test_clone_groups_not_divisible_by_target_tp(small_ckpt: Path) -> None:
         plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--tp", "3"], world_size=3)
 
 
+def test_growth_plan(small_ckpt: Path, tmp_path: Path) -> None:
+    """--grow-layers, --hyperclone 1 --hyperclone-ffn and --hyperclone-groups reach the plan and its provenance."""
+    p = plan(["--init-from", str(small_ckpt), "--grow-layers", "5", "--hyperclone", "1", "--hyperclone-ffn", "2",
+              "--pp", "2", "--run-dir", str(tmp_path / "run")], world_size=2)
+    assert (p.cfg.model.num_layers, p.cfg.model.hidden_size, p.cfg.model.ffn_size) == (5, 64, 512)
+    assert p.clone.depth.sources == (0, 0, 1, 1, 1) and p.clone.depth.preserving
+    record = p.clone.provenance()["hyperclone"]
+    assert (record["factor"], record["ffn_factor"], record["grow_layers"], record["grow_method"]) == (1, 2, 5, "zero")
+    assert record["depth"]["inserted"] == [1, 3, 4]
+    p = plan(["--init-from", str(small_ckpt), "--grow-layers", "4", "--grow-method", "stack"])
+    assert p.cfg.model.num_layers == 4 and not p.clone.depth.preserving and p.clone.factors == (1, 1)
+    assert p.cfg.clone.variant == "diagonal"  # the launch defaults, as the converter's
+    p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--hyperclone-groups", "1"])
+    assert (p.cfg.model.num_heads, p.cfg.model.num_query_groups, p.cfg.model.hidden_size) == (8, 4, 128)
+    with pytest.raises(ValueError, match=r"after growing .*2 -> 3 layers by zero: model.num_layers=3 must be >= "
+                                         r"parallel.pp_size=4"):
+        plan(["--init-from", str(small_ckpt), "--grow-layers", "3", "--pp", "4"], world_size=4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grow-layers", "2"], "--grow-layers) = 2: the target number of layers must exceed the source's 2"),
+    (["--grow-layers", "3", "--grow-method", "stack"], "--grow-layers 3 must be a multiple of the source's 2"),
+    (["--hyperclone", "2", "--grow-method", "interleave"], "--grow-method) = 'interleave' needs clone.grow_layers"),
+    (["--hyperclone", "2", "--hyperclone-groups", "1", "--hyperclone-optimizer", "carry"],
+     "(--hyperclone-groups) = 1 < 2: the k and v rows"),
+])
+def test_bad_growth_flags_write_nothing(argv: list[str], message: str, small_ckpt: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    run_dir, save = tmp_path / "run", tmp_path / "save"
+    code = main(["--init-from", str(small_ckpt), *argv, "--run-dir", str(run_dir), "--save", str(save)])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists() and not save.exists()
+
+
 def _copy_checkpoint(src: Path, dst: Path) -> Path:
     import shutil
 
