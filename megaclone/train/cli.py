@@ -183,7 +183,8 @@ def _plan_clone(args: argparse.Namespace, cfg: RunConfig, model_values: dict, wo
         raise ConfigError("--train-iters 0 writes the widened checkpoint and exits: give --save DIR")
     if cfg.clone.optimizer == "carry":
         check_carry_plan(cfg, clone.manifest, clone.path)
-    if not has_symmetry_breaking(cfg.model, cfg.clone) and cfg.train.train_iters > 0:
+    widened = clone.factors != (1, 1)  # depth growth alone makes no copies that could stay identical
+    if widened and not has_symmetry_breaking(cfg.model, cfg.clone) and cfg.train.train_iters > 0:
         warnings.append("cloned run without symmetry breaking (--clone-noise-db none, no dropout): the copies "
                         "stay identical and the wide model trains like the small one")
     return clone

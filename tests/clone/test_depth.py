@@ -245,6 +245,24 @@ def test_bad_growth_is_refused_before_writing(tmp_path: Path, clone: dict, tp: i
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("placement, norm, refused", [("post", "rmsnorm", True), ("branch", "layernorm", True),
+                                                     ("branch", "rmsnorm", False), ("pre", "layernorm", False)])
+def test_zero_needs_blocks_that_a_zero_branch_makes_the_identity(placement: str, norm: str, refused: bool) -> None:
+    """Post-norm (and a branch-output LayerNorm with a bias) cannot be preserved by `zero`: refused by name;
+    stack and interleave stay allowed."""
+    cfg = small_config("mha-gelu-ln-rope-bias-tied", norm=norm)
+    cfg.norm_placement = placement  # the ModelConfig option of the OPT / OLMo-2 families (megaclone.hf)
+    zero, stack = grow_config(1, 1, None, grow=3), grow_config(1, 1, None, "stack", grow=4)
+    assert depth_plan(cfg, stack).sources == (0, 1, 0, 1)
+    if not refused:
+        assert depth_plan(cfg, zero).preserving
+        return
+    with pytest.raises(ConfigError, match=rf"--grow-method zero cannot preserve .*model.norm_placement='{placement}'"):
+        depth_plan(cfg, zero)
+    with pytest.raises(ConfigError, match="--grow-method zero cannot preserve"):
+        build_clone_shard(dict_reader(random_small_state(cfg)), cfg, zero, 0, 1)
+
+
 def test_checkpoint_records_growth_and_verify_tool_judges_only_lossless(tmp_path: Path, capsys) -> None:
     tool = load_tool()
     cfg = small_config("gqa-swiglu-rms-learned-nobias-untied")
