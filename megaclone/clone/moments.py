@@ -1,6 +1,7 @@
 """Adam's moments of a widened model, from the small model's, with the same clone maps as the weights.
 
-At the cloned point every copy of a small unit sees the cloned activations, so (DESIGN.md section 4)
+At the cloned point every copy of a small unit sees the cloned activations, so (docs/design.md, "Carrying the
+optimizer state")
 
     grad'[i'] = grad[pi(i')] / p        p = widening factor of the parameter's OUTPUT in the gradient sense
 
