@@ -70,7 +70,7 @@ def clone_moment(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneC
 
     `read(name, small_index)` returns a slice of the small parameter's moment (a global tensor, like the
     weights' reader). Calls it once, for the tight small range the slice copies. The variant and the noise of
-    `clone_cfg` are not used: the relation is exact for symmetric clones, and diagonal ones with m in (1, n),
+    `clone_cfg` are not used: the relation is exact for symmetric clones, and diagonal ones with m = 1 or m = n,
     without noise; otherwise the copies' gradients differ and these moments are an estimate (docs/design.md,
     "The gradient relation").
     """
