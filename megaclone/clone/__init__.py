@@ -1,8 +1,8 @@
 """HyperCloning: widen (and deepen) a trained small model so that the grown one computes the same function.
 
 Works one target shard at a time: every widened tensor slice is built from the contiguous small
-slice it copies, with layout-invariant zero-sum noise (DESIGN.md sections 2-3); under depth growth
-from the source block its target block copies (megaclone.clone.depth).
+slice it copies, with layout-invariant zero-sum noise (docs/design.md, "Clone rules", "Zero-sum noise"); under
+depth growth from the source block its target block copies (docs/design.md, "Depth growth").
 """
 
 from megaclone.clone.depth import ZEROED_ROLES, DepthPlan, deepen_model_config, depth_plan, plan_depth
