@@ -115,6 +115,7 @@ class AxisMap:
         """Wide elements per small element (the most, where it differs inside a unit)."""
         return self.factor
 
+    @property
     def small_unit(self) -> int:
         """Elements of one small unit (the wide unit, except for the groups axis when g < n)."""
         return self.unit_size
@@ -128,6 +129,7 @@ class GroupRowsMap(AxisMap):
     q_size: int = 0  # the small group's q rows: heads per group x head size
     repeats: int = 1  # r = n / g
 
+    @property
     def small_unit(self) -> int:
         return self.unit_size - (self.repeats - 1) * self.q_size
 
@@ -138,7 +140,7 @@ class GroupRowsMap(AxisMap):
     def small_index(self, wide: torch.Tensor) -> torch.Tensor:
         unit, offset, is_q = self._split(wide)
         inner = torch.where(is_q, offset % self.q_size, offset - (self.repeats - 1) * self.q_size)
-        return (unit // self.factor) * self.small_unit() + inner
+        return (unit // self.factor) * self.small_unit + inner
 
     def copy_index(self, wide: torch.Tensor) -> torch.Tensor:
         """Group copy a and head copy c give copy a + g c (k, v rows: a), so group copies align as in AxisMap."""
@@ -176,12 +178,11 @@ def small_spec_of(wide_spec: ParamSpec, n: int, m: int, g: int | None = None, he
         if a.num_units % f:
             raise ValueError(f"{wide_spec.name}: {a.num_units} {a.kind} units are not a multiple of the clone "
                              f"factor {f}")
-        axes.append(Axis(a.kind, a.num_units // f, axis_map(wide_spec, dim, n, m, g, head_size).small_unit()))
+        axes.append(Axis(a.kind, a.num_units // f, axis_map(wide_spec, dim, n, m, g, head_size).small_unit))
     return dataclasses.replace(wide_spec, axes=tuple(axes))
 
 
-def small_read_ranges(wide_spec: ParamSpec, n: int, m: int, index: Index = (), g: int | None = None,
-                      head_size: int = 0) -> list[tuple[int, int]]:
+def small_read_ranges(wide_spec: ParamSpec, n: int, m: int, index: Index = ()) -> list[tuple[int, int]]:
     """The small [start, stop) per dimension that `clone_tensor` reads for the wide slice `index`.
 
     The tight bounding range of the copied small elements: for a whole-unit wide range it is exactly
@@ -189,7 +190,7 @@ def small_read_ranges(wide_spec: ParamSpec, n: int, m: int, index: Index = (), g
     """
     ranges = normalize_index(wide_spec.shape, index, wide_spec.name)
     out = []
-    for (start, stop), amap in zip(ranges, axis_maps(wide_spec, n, m, g, head_size)):
+    for (start, stop), amap in zip(ranges, axis_maps(wide_spec, n, m)):
         if stop <= start:
             out.append((0, 0))
             continue

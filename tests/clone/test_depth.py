@@ -35,13 +35,7 @@ SPLIT = ((1, 2), (1, 3))  # source PP2, target PP3: target stage 1 holds blocks 
 LAYOUT_PAIRS = [((1, 1), (2, 1)), ((1, 2), (2, 2)), ((2, 1), (1, 2)), ((2, 2), (1, 1)), SPLIT]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only contend (many times slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grow_config(n: int, m: int, g: int | None, method: str = "zero", grow: int = N, **kw) -> CloneConfig:
@@ -168,6 +162,21 @@ def test_zero_inserts_identity_blocks_on_named_weights() -> None:
             zeroed = block in (2, 4) and (".attn.out." in name or ".mlp.fc_out." in name)
             want = torch.zeros_like(got) if zeroed else state[in_block(name, source)]
             assert bit_equal(got, want), (block, name)
+
+
+@pytest.mark.parametrize("options", [dict(parallel_residual=True), dict(bias=False, qkv_bias=True),
+                                     dict(activation="gelu_exact", tied_embeddings=False, num_query_groups=2)])
+def test_zero_growth_preserves_the_other_architecture_options(options: dict) -> None:
+    """GPT-NeoX's parallel residual (both branches zero), Qwen2's q/k/v-only biases (no output bias to zero)."""
+    cfg = small_config("mha-gelu-ln-rope-bias-tied", num_layers=3, **options)
+    state = random_small_state(cfg, seed=8)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(2))
+    clone = grow_config(2, 3, None, grow=5)
+    with torch.no_grad():
+        want = build_model(cfg, state)(tokens)
+        got = build_model(grown_model_config(cfg, clone), build_clone_shard(dict_reader(state), cfg, clone, 0, 1))(
+            tokens)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
 
 
 def test_moments_of_copied_and_zeroed_parameters() -> None:
