@@ -185,11 +185,11 @@ def _clone_config(o: ConvertOptions, source: Path) -> CloneConfig | None:
     clone = CloneConfig(init_from=str(source), factor=o.hyperclone, ffn_factor=o.hyperclone_ffn,
                         groups_factor=o.hyperclone_groups, grow_layers=o.grow_layers, grow_method=o.grow_method,
                         variant=o.clone_variant, noise_db=o.clone_noise_db, seed=o.clone_seed)
-    clone_factors(clone)  # ValueError naming --hyperclone / --hyperclone-ffn / the variant / the noise level
-    if o.optimizer == "carry" and groups_factor(clone) != clone_factors(clone)[0]:
-        raise ConvertError(f"--optimizer carry with --hyperclone-groups {groups_factor(clone)} < --hyperclone "
-                           f"{clone_factors(clone)[0]}: the k and v rows of a query group would need other moment "
-                           "scales than its q rows; use --optimizer drop")
+    n, _ = clone_factors(clone)  # ValueError naming --hyperclone / --hyperclone-ffn / the variant / the noise level
+    if o.optimizer == "carry" and groups_factor(clone) != n:
+        raise ConvertError(f"--optimizer carry with --hyperclone-groups {groups_factor(clone)} < --hyperclone {n}: "
+                           "the k and v rows of a query group would need other moment scales than its q rows; use "
+                           "--optimizer drop")
     return clone
 
 

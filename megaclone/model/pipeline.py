@@ -94,8 +94,8 @@ def global_named_parameters(module: nn.Module, cfg: ModelConfig) -> dict[str, nn
     return dict(module.named_parameters())
 
 
-def block_modules(module: nn.Module, cfg: ModelConfig) -> dict[int, nn.Module]:
+def block_modules(module: nn.Module) -> dict[int, nn.Module]:
     """This rank's transformer blocks by global block index, for a `GPT` or a pipeline stage alike."""
     if hasattr(module, "forward_funcs"):  # a PipelineModule: its layers are children named by pipeline layer
         return {int(name) - 1: child for name, child in module.named_children() if isinstance(child, TransformerBlock)}
-    return dict(enumerate(module.blocks[: cfg.num_layers]))
+    return dict(enumerate(module.blocks))

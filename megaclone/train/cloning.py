@@ -235,7 +235,7 @@ def depth_monitor(module: nn.Module, layout: Layout, source: CloneSource) -> Cal
         sums[2 * slot[block]] += (out.detach().double() - x).pow(2).sum().item()
         sums[2 * slot[block] + 1] += x.pow(2).sum().item()
 
-    for block, mod in block_modules(module, source.wide).items():
+    for block, mod in block_modules(module).items():
         if block in slot:
             mod.register_forward_hook(functools.partial(hook, block))
 
