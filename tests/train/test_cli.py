@@ -76,6 +76,7 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 def test_load_of_another_model_fails_before_work(small_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"different model .*model.hidden_size: checkpoint 64 != run 32"):
         plan(["--config", TINY, "--load", str(small_ckpt.parent), "--set", "model.hidden_size=32"])
+    (tmp_path / "notes.txt").write_text("not a checkpoint root")  # an empty one starts from scratch (test_resume)
     with pytest.raises(ValueError, match=r"not a megaclone checkpoint \(no manifest.json"):
         plan(["--config", TINY, "--load", str(tmp_path)])
 
