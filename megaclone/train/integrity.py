@@ -2,8 +2,8 @@
 
 The ranks that share a copy of the step directory (all ranks on a shared filesystem; a node's ranks with
 node-local checkpoints) split its files by size and each hashes its share, so a save or a resume costs about
-1/N of hashing the whole step. On resume every file the chosen path reads is checked before anything is loaded
-or written: its size, its sha256 against the manifest, and, for DeepSpeed's torch files, that it loads with
+1/N of hashing the whole step. On resume every file of the step is checked before anything is loaded or
+written: its size, its sha256 against the manifest, and, for DeepSpeed's torch files, that it loads with
 `weights_only=True` (train.safe_load). All ranks then share what they found and refuse together, naming each
 bad file and the previous complete step, so a damaged or tampered checkpoint never reaches a training step.
 """

@@ -125,7 +125,7 @@ def run(plan: RunPlan) -> float | None:
         log.warning(warning)
     for warning in plan.warnings if layout.rank == 0 else []:
         log.warning(warning)
-    if plan.resume is not None:  # every file the resume reads, checked before anything is loaded or written
+    if plan.resume is not None:  # every file of the step, checked before anything is loaded or written
         verify_resume_checkpoint(plan.resume_path, plan.resume, cfg, layout, placement)
     device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
     tracker = _seed(cfg.train.seed, layout, device)
