@@ -97,7 +97,7 @@ def damage(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncated":
         del data[len(data) // 2:]
-    else:  # one byte flipped in the middle (inside tensor data for every kind here)
+    else:  # one byte flipped in the middle: same size, other content
         data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
