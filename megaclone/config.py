@@ -415,8 +415,34 @@ def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunCo
     return RunConfig(**built, run_dir=_coerce(values.get("run_dir", "runs/default"), str, f"{where}: run_dir"))
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
+    """A YAML syntax error as `where:LINE:COLUMN: problem` (1-based, like an editor's)."""
+    mark = getattr(e, "problem_mark", None)
+    at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return ConfigError(f"{where}{at}: YAML syntax error: {problem}" + (f" ({context})" if context else ""))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (empty file: {}); a syntax error names the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(path), e) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
+
+
+def _parse_value(text: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"--set {item!r}", e) from None
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -431,7 +457,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(text)
+        node[parts[-1]] = _parse_value(text, item)
     return values
 
 
@@ -440,13 +466,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     values: dict[str, Any] = {}
     where = "config"
     if path:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        values = read_yaml_mapping(path)
     values = apply_overrides(values, overrides or [])
     try:
         return run_config_from_dict(values, where)

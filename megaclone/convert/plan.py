@@ -34,6 +34,7 @@ from megaclone.checkpoint import (
     storage_stage,
     weight_file,
 )
+from megaclone.checkpoint.io import check_output_dir
 from megaclone.clone import clone_factors, describe_growth, groups_factor, grown_model_config
 from megaclone.config import CloneConfig, ConfigError, ModelConfig, ParallelConfig
 from megaclone.convert.carry import check_carry_source, optim_file_job
@@ -203,8 +204,7 @@ def _output_location(o: ConvertOptions, source_step: int) -> tuple[Path, int]:
 
 
 def _check_output(o: ConvertOptions, root: Path, final: Path, source: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise ConvertError(f"--output {o.output}: {root} exists and is not a directory")
+    check_output_dir(root, "--output")  # not a file, not under one, writable
     if final.exists() and final.resolve() == source.resolve():
         raise ConvertError(f"--output {o.output} is the input checkpoint {source}; write the conversion elsewhere")
     if o.overwrite:

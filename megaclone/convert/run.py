@@ -49,6 +49,7 @@ from megaclone.checkpoint import (
     make_manifest,
     write_manifest,
 )
+from megaclone.checkpoint.io import tokenizer_digests
 from megaclone.checkpoint.manifest import atomic_write_text
 from megaclone.checkpoint.optim_state import is_optim_file
 from megaclone.clone import clone_tensor, depth_plan, growth_record
@@ -378,7 +379,8 @@ def execute_plan(plan: ConversionPlan) -> ConversionReport:
     manifest = make_manifest(plan.target_cfg, plan.step, plan.tp_size, plan.pp_size,
                              tokenizer="tokenizer.model" if src.tokenizer else None, data=dict(src.data),
                              files=files, provenance=_provenance(plan),
-                             optimizer=carried_record(src, {f.rel: done[f.rel] for f in plan.files}))
+                             optimizer=carried_record(src, {f.rel: done[f.rel] for f in plan.files}),
+                             other_files=tokenizer_digests(tmp, src.tokenizer))
     write_manifest(tmp, manifest)
     if o.verify:
         report.verify = verify_conversion(plan.source, tmp, widened=plan.clone is not None,

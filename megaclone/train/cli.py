@@ -12,9 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from megaclone.checkpoint import Manifest, read_manifest, resolve_checkpoint
+from megaclone.checkpoint.io import check_output_dir, holds_no_checkpoint, stale_saves
 from megaclone.config import (
     GROW_METHODS,
     HYPERCLONE_DEFAULTS,
@@ -23,6 +22,7 @@ from megaclone.config import (
     RunConfig,
     apply_overrides,
     parse_noise_db,
+    read_yaml_mapping,
     run_config_from_dict,
 )
 from megaclone.train.carry import CarrySettings, carry_resume_settings, check_carry_plan
@@ -117,13 +117,9 @@ class RunPlan:
 def _read_config_values(path: str | None) -> dict:
     if not path:
         return {}
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config: config file {file} does not exist")
-    values = yaml.safe_load(file.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{file}: expected a mapping at the top level")
-    return values
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config: config file {path} does not exist")
+    return read_yaml_mapping(path)
 
 
 def _flag_values(args: argparse.Namespace) -> dict[str, dict]:
@@ -190,6 +186,34 @@ def _plan_clone(args: argparse.Namespace, cfg: RunConfig, model_values: dict, wo
     return clone
 
 
+def _check_output_paths(cfg: RunConfig) -> None:
+    """Where the run writes must be directories it can create or write: known now, not at the first save."""
+    for what, path in (("--save (checkpoint.save)", cfg.checkpoint.save), ("--run-dir (run_dir)", cfg.run_dir)):
+        if path:
+            check_output_dir(path, what)
+
+
+def _plan_auto_resume(cfg: RunConfig, has_config: bool, warnings: list[str]) -> None:
+    """`--load ROOT` where nothing was committed yet (a requeued job that died before its first save) starts from
+    scratch with a warning, as Megatron-LM does, so that a restart can repeat the first command line. A missing
+    ROOT counts only when it is also --save: any other missing --load is a mistake."""
+    root = Path(cfg.checkpoint.load)
+    same_as_save = bool(cfg.checkpoint.save) and Path(cfg.checkpoint.save).absolute() == root.absolute()
+    if not holds_no_checkpoint(root) or not (root.exists() or same_as_save):
+        return
+    if not has_config:
+        raise ConfigError(f"--load {root} holds no complete checkpoint yet, so the model must come from --config")
+    stale = stale_saves(root)
+    left = f" (only interrupted saves: {', '.join(p.name for p in stale)})" if stale else ""
+    warnings.append(f"--load {root}: no complete checkpoint there yet{left}: starting from scratch")
+    cfg.checkpoint.load = None
+
+
+def _report_stale_saves(cfg: RunConfig, warnings: list[str]) -> None:
+    for path in stale_saves(cfg.checkpoint.save) if cfg.checkpoint.save else []:
+        warnings.append(f"{path}: a save interrupted before its commit; it is removed at this run's first save")
+
+
 def _plan_resume(args: argparse.Namespace, cfg: RunConfig, model_values: dict,
                  file_has_model: bool) -> tuple[Path, Manifest]:
     """The checkpoint to resume; without a model section in --config its model is the run's."""
@@ -238,6 +262,10 @@ def build_plan(args: argparse.Namespace, world_size: int) -> RunPlan:
         raise ConfigError("--init-from needs --hyperclone N (the factor to widen the small checkpoint by) and/or "
                           "--grow-layers L (the depth to grow it to)")
     warnings: list[str] = []
+    _check_output_paths(cfg)
+    _report_stale_saves(cfg, warnings)
+    if cfg.checkpoint.load:
+        _plan_auto_resume(cfg, bool(args.config), warnings)
     clone = _plan_clone(args, cfg, model_values, world_size, warnings) if cloning else None
     resume_path, resume = _plan_resume(args, cfg, model_values, file_has_model) if cfg.checkpoint.load \
         else (None, None)

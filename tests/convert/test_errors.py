@@ -64,7 +64,9 @@ def test_existing_output(src, tmp_path) -> None:
     assert read_manifest(out).step == 9 and read_manifest(step9).tp_size == 2 and read_manifest(first).tp_size == 1
     fails(opts(src, src / "step_00000007", overwrite=True), ConvertError, "is the input checkpoint")
     (tmp_path / "a_file").write_text("x")
-    fails(opts(src, tmp_path / "a_file"), ConvertError, "exists and is not a directory")
+    fails(opts(src, tmp_path / "a_file"), ValueError, rf"--output {tmp_path / 'a_file'} is a file")
+    fails(opts(src, tmp_path / "a_file" / "ckpt"), ValueError, rf"lies under {tmp_path / 'a_file'}, which is a file")
+    fails(opts(src, Path("/sys/megaclone-out")), ValueError, r"--output /sys/megaclone-out: cannot write in /sys")
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -76,6 +76,7 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 def test_load_of_another_model_fails_before_work(small_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"different model .*model.hidden_size: checkpoint 64 != run 32"):
         plan(["--config", TINY, "--load", str(small_ckpt.parent), "--set", "model.hidden_size=32"])
+    (tmp_path / "notes.txt").write_text("not a checkpoint root")  # an empty one starts from scratch (test_resume)
     with pytest.raises(ValueError, match=r"not a megaclone checkpoint \(no manifest.json"):
         plan(["--config", TINY, "--load", str(tmp_path)])
 
@@ -107,6 +108,31 @@ def test_main_reports_error_and_writes_nothing(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     assert "pretrain.py: error: parallel.zero_stage=2 cannot be combined" in capsys.readouterr().err
     assert not run_dir.exists() and not save.exists()
+
+
+@pytest.mark.parametrize("case", ["save is a file", "save under a file", "save unwritable", "run dir under a file",
+                                  "yaml syntax"])
+def test_bad_paths_and_yaml_exit_2_before_any_work(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Found while planning, not at the first save after all the steps ran; nothing is created."""
+    a_file, broken = tmp_path / "a_file", tmp_path / "broken.yaml"
+    a_file.write_text("x")
+    broken.write_text("model:\n  hidden_size: 64\n   num_layers: 2\n")
+    save, run_dir, config = tmp_path / "ckpt", tmp_path / "run", TINY
+    sysfs = Path("/sys/megaclone-ckpt")  # no process, root included, may create entries in sysfs
+    if case == "save is a file":
+        save, message = a_file, f"--save (checkpoint.save) {a_file} is a file"
+    elif case == "save under a file":
+        save, message = a_file / "ckpt", f"--save (checkpoint.save) {a_file}/ckpt lies under {a_file}, which is a file"
+    elif case == "save unwritable":
+        save, message = sysfs, f"--save (checkpoint.save) {sysfs}: cannot write in /sys"
+    elif case == "run dir under a file":
+        run_dir, message = a_file / "run", f"--run-dir (run_dir) {a_file}/run lies under {a_file}, which is a file"
+    else:
+        config, message = broken, f"{broken}:3:14: YAML syntax error: mapping values are not allowed here"
+    assert main(["--config", str(config), "--run-dir", str(run_dir), "--save", str(save)]) == 2
+    assert f"pretrain.py: error: {message}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "broken.yaml"]
+    assert a_file.read_text() == "x" and not sysfs.exists()
 
 
 # --- cloning at launch -----------------------------------------------------------------------------------------
