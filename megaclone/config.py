@@ -130,12 +130,6 @@ class ModelConfig:
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_query_groups
 
-    def num_params(self) -> int:
-        """Total parameter count, padded vocabulary included."""
-        from megaclone.spec import build_param_specs
-
-        return sum(math.prod(s.shape) for s in build_param_specs(self))
-
 
 @dataclass
 class ParallelConfig:

@@ -178,6 +178,11 @@ def build_param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     return specs
 
 
+def num_params(cfg: ModelConfig) -> int:
+    """Total parameter count, padded vocabulary included."""
+    return sum(math.prod(s.shape) for s in build_param_specs(cfg))
+
+
 def num_pipeline_layers(cfg: ModelConfig) -> int:
     """Embedding, the blocks, the final norm and the LM head (the tied embedding when tied)."""
     return cfg.num_layers + 3

@@ -22,6 +22,7 @@ from megaclone import cluster
 from megaclone.checkpoint import CheckpointError, ShardReader
 from megaclone.data import DistributedBatchSampler
 from megaclone.parallel import Layout, TPRNGTracker, build_layout
+from megaclone.spec import num_params
 from megaclone.train.carry import build_carry_engine, start_carried_run
 from megaclone.train.checkpointing import (
     layout_dict,
@@ -141,7 +142,7 @@ def run(plan: RunPlan) -> float | None:
 
     logger = MetricsLogger(cfg.run_dir, layout.rank == 0, cfg.train.train_iters, start_step)
     logger.event("start", start_step, config=cfg.to_dict(), layout=layout_dict(cfg, layout),
-                 world_size=layout.world_size, num_params=cfg.model.num_params(), cluster=placement.to_dict())
+                 world_size=layout.world_size, num_params=num_params(cfg.model), cluster=placement.to_dict())
     eval_set = [(t.to(device), y.to(device)) for t, y in eval_batches(
         data.valid, cfg.train.micro_batch_size, cfg.train.eval_iters, layout.dp_rank, layout.dp_size, cfg.train.seed)]
     save = None
