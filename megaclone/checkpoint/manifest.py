@@ -24,6 +24,7 @@ MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
 STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 _LAYOUT_KEYS = ("tp_size", "pp_size", "dp_size", "zero_stage", "precision")
+OPTIM_DIR = "optim"  # the optimizer-state files (checkpoint.optim_state) live here, as the `optimizer` record says
 
 
 class CheckpointError(ValueError):
@@ -150,6 +151,33 @@ def _check_digests(entries: Any, key: str, where: str) -> None:
             raise CheckpointError(f"{where}: {key}[{rel!r}] must be {{'sha256': hex, 'bytes': int}}, got {entry!r}")
 
 
+def is_optim_file(rel: str) -> bool:
+    """Whether a path relative to the step directory is an optimizer-state file."""
+    return rel.startswith(OPTIM_DIR + "/")
+
+
+def check_optimizer_record(d: Any, where: str) -> None:
+    """Raise CheckpointError naming `where` unless `d` is a well-formed `optimizer` entry."""
+    if not isinstance(d, dict) or not {"step", "scheduler", "files"} <= set(d):
+        raise CheckpointError(f"{where}: 'optimizer' must be a mapping with keys ['step', 'scheduler', 'files'], "
+                              f"got {d!r}")
+    if not isinstance(d["step"], int) or d["step"] < 0:
+        raise CheckpointError(f"{where}: optimizer.step must be an integer >= 0, got {d['step']!r}")
+    scheduler = d["scheduler"]
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("last_epoch"), int):
+        raise CheckpointError(f"{where}: optimizer.scheduler must be a mapping with an integer 'last_epoch', "
+                              f"got {scheduler!r}")
+    if not isinstance(d["files"], dict):
+        raise CheckpointError(f"{where}: optimizer.files must be a mapping of relative path -> digest")
+    for rel, entry in d["files"].items():
+        if not is_optim_file(rel) or ".." in Path(rel).parts:
+            raise CheckpointError(f"{where}: optimizer.files[{rel!r}] must be a path under {OPTIM_DIR}/")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or not isinstance(entry.get("bytes"), int):
+            raise CheckpointError(f"{where}: optimizer.files[{rel!r}] must be {{'sha256': hex, 'bytes': int}}, "
+                                  f"got {entry!r}")
+
+
 @dataclass
 class Manifest:
     """The contents of manifest.json (format and format_version are implied)."""
@@ -224,8 +252,6 @@ class Manifest:
             _check_digests(other_files, "other_files", where)
         optimizer = d.get("optimizer")
         if optimizer is not None:
-            from megaclone.checkpoint.optim_state import check_optimizer_record
-
             check_optimizer_record(optimizer, where)
         return Manifest(step=d["step"], model=model, layout=dict(layout), params=params,
                         tokenizer=d.get("tokenizer"), data=dict(d.get("data") or {}), files=dict(files),
