@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -38,16 +37,11 @@ from megaclone.checkpoint.io import check_output_dir
 from megaclone.clone import clone_factors, describe_growth, groups_factor, grown_model_config
 from megaclone.config import CloneConfig, ConfigError, ModelConfig, ParallelConfig
 from megaclone.convert.carry import check_carry_source, optim_file_job
+from megaclone.convert.jobs import SHARD_METADATA, ConvertError, FileJob, TensorJob
 from megaclone.convert.writer import planned_file_bytes
 from megaclone.spec import ParamSpec, build_param_specs
 
-SHARD_METADATA = {"format": "pt"}  # what save_weight_shard writes, so files hash the same either way
 TMP_PREFIX = ".tmp-"  # begin_checkpoint's prefix: commit_checkpoint renames `.tmp-step_X` to `step_X`
-Range = tuple[int, int]
-
-
-class ConvertError(ValueError):
-    """A user's mistake in a conversion request (output exists, no disk space, unsupported option)."""
 
 
 @dataclass(frozen=True)
@@ -79,30 +73,6 @@ class ConvertOptions:
         d["input"], d["output"] = str(self.input), str(self.output)
         del d["progress"]
         return d
-
-
-@dataclass(frozen=True)
-class TensorJob:
-    """One tensor of a target file: its global name, stored (TP-local) shape, and global index ranges."""
-
-    name: str
-    shape: tuple[int, ...]
-    ranges: tuple[Range, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * 4
-
-
-@dataclass(frozen=True)
-class FileJob:
-    """One target weight file: the unit a worker owns, written in `tensors` order (safetensors' order)."""
-
-    rel: str
-    tp_rank: int
-    pp_rank: int
-    tensors: tuple[TensorJob, ...]
-    size: int  # exact bytes on disk, header included
 
 
 @dataclass

@@ -55,15 +55,8 @@ from megaclone.checkpoint.optim_state import is_optim_file
 from megaclone.clone import clone_tensor, depth_plan, growth_record
 from megaclone.config import CloneConfig, ModelConfig
 from megaclone.convert.carry import carried_record, open_reader, read_moment_chunk
-from megaclone.convert.plan import (
-    SHARD_METADATA,
-    ConversionPlan,
-    ConvertError,
-    ConvertOptions,
-    FileJob,
-    TensorJob,
-    plan_conversion,
-)
+from megaclone.convert.jobs import SHARD_METADATA, ConvertError, FileJob, TensorJob
+from megaclone.convert.plan import ConversionPlan, ConvertOptions, plan_conversion
 from megaclone.convert.writer import StreamingShardWriter
 from megaclone.spec import spec_table
 
