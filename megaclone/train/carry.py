@@ -32,6 +32,17 @@ TP; `install_small_norm_clipping` replaces it on the engine's ZeRO optimizer wit
 The clip coefficient, the logged grad_norm and the partitioned gradients then behave exactly as in the small
 run, at any DP size and for the pipeline engine (ZeRO-1) too; no gradient is touched twice. ZeRO-0 and ZeRO-3
 use other code paths and are refused for carry runs.
+
+Where the carry lives: one module per layer, each the only owner of its part, so imports stay one-way (a package
+of its own would import the engine, the AdamW groups and the converter's jobs while they import it):
+
+    megaclone/clone/moments.py           the math: (s, p, c) of every widened parameter, the widened moments
+    megaclone/checkpoint/optim_state.py  the optim/ files beside the weights, their manifest record, their reader
+    megaclone/train/carry.py             (this module) a carry run's AdamW groups, schedule, transition, clipping,
+                                         its settings (from the launch or a carry run's checkpoint) and its engine
+    megaclone/train/state_io.py          optimizer state into and out of DeepSpeed: for saves, for an elastic resume,
+                                         and the widened moments of a carry launch (`start_carried_run`)
+    megaclone/convert/carry.py           the offline path: tools/reshard_expand.py --optimizer carry
 """
 
 from __future__ import annotations
@@ -49,8 +60,11 @@ from torch import nn
 from megaclone.checkpoint import Manifest
 from megaclone.clone import CarryFactors, carry_factors, clone_factors, describe_growth, grown_model_config
 from megaclone.config import CloneConfig, ConfigError, ModelConfig, RunConfig, TrainConfig, model_config_from_dict
+from megaclone.model import global_named_parameters
 from megaclone.spec import spec_table
+from megaclone.train.engine import initialize_engine
 from megaclone.train.optim import adamw, build_param_groups, lr_factor
+from megaclone.train.zero_fast import install_grad_norm
 
 log = logging.getLogger("megaclone.train")
 
@@ -218,8 +232,6 @@ def clip_to_small_norm_(groups: list[dict], max_norm: float) -> torch.Tensor:
 
 def install_small_norm_clipping(engine: Any) -> None:
     """Make the engine's ZeRO-1/2 optimizer clip on the small model's norm (see the module docstring)."""
-    from megaclone.train.zero_fast import install_grad_norm
-
     def small_norm(zero: Any, norms: list[torch.Tensor]) -> torch.Tensor:
         total = None
         for group, norm in zip(zero.optimizer.param_groups, norms):
@@ -310,9 +322,6 @@ def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: t
 
     `module` holds the widened weights already; returns (engine, the AdamW groups as built).
     """
-    from megaclone.model import global_named_parameters
-    from megaclone.train.engine import initialize_engine
-
     assert cfg.parallel.zero_stage in CARRY_ZERO_STAGES and cfg.parallel.pp_size == 1, "checked when planning"
     train = cfg.train
     module.to(device)
@@ -322,57 +331,3 @@ def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: t
     engine = initialize_engine(cfg, layout, module, adamw(groups, train), scheduler, device)
     install_small_norm_clipping(engine)
     return engine, groups
-
-
-@torch.no_grad()
-def carry_optimizer_state(engine: Any, module: nn.Module, cfg: RunConfig, layout: Any,
-                          sampler: Any) -> int:
-    """Widen the small checkpoint's Adam moments into this rank's slices and set them with its step count; continue
-    its data position. Returns the training step the run continues after (the small checkpoint's)."""
-    from megaclone.checkpoint.optim_state import MOMENT_KEYS, OptimStateReader
-    from megaclone.clone import clone_moment
-    from megaclone.model import global_named_parameters
-    from megaclone.train.cloning import continue_data_position
-    from megaclone.train.state_io import set_moments
-
-    params = global_named_parameters(module, cfg.model)
-    specs = spec_table(cfg.model)
-    with OptimStateReader(resolve_small(cfg)) as reader:
-        small_cfg = reader.manifest.model
-        moments = {}
-        for name in params:
-            index = specs[name].tp_slices(layout.tp_rank, layout.tp_size)
-            moments[name] = {key: clone_moment(specs[name], small_cfg, cfg.clone,
-                                               lambda n, i, key=key: reader.read_moment(n, key, i), index, key)
-                             for key in MOMENT_KEYS}
-        adam_step, manifest = reader.step, reader.manifest
-    set_moments(engine, params, moments, adam_step)
-    if cfg.clone.continues_data:
-        continue_data_position(sampler, manifest)
-    engine.global_steps = manifest.step
-    engine.global_samples = manifest.step * engine.train_batch_size()
-    return manifest.step
-
-
-def resolve_small(cfg: RunConfig) -> Any:
-    from megaclone.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(cfg.clone.init_from)
-
-
-def start_carried_run(cfg: RunConfig, source: Any, layout: Any, module: nn.Module, device: torch.device,
-                      sampler: Any, clone_tensors: dict[str, torch.Tensor]) -> tuple[Any, int]:
-    """The engine of a carry launch (the module holds the widened weights): exact fp32 masters, the widened
-    moments and the small run's Adam step, schedule position and data position. Returns (engine, step)."""
-    from megaclone.train.cloning import inject_fp32_masters
-
-    schedule_step = int(source.manifest.optimizer["scheduler"]["last_epoch"])
-    start_lr = source_lr(source.manifest, source.path) if cfg.clone.schedule == "restart" else None
-    carry = CarrySettings(source.manifest.model, cfg.clone, schedule_step, start_lr)
-    engine, groups = build_carry_engine(cfg, layout, module, device, carry)
-    if cfg.train.precision != "fp32":
-        inject_fp32_masters(engine, module, cfg.model, clone_tensors)
-    step = carry_optimizer_state(engine, module, cfg, layout, sampler)
-    if layout.rank == 0:
-        log.info(describe_carry(groups, carry))
-    return engine, step

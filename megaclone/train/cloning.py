@@ -34,6 +34,7 @@ from megaclone.config import CloneConfig, ModelConfig, ParallelConfig
 from megaclone.model import block_modules, global_named_parameters
 from megaclone.parallel import Layout, gather_from_tp_region
 from megaclone.spec import spec_table
+from megaclone.train.carry import source_lr
 from megaclone.train.engine import fp32_masters, is_pipeline, set_fp32_masters
 
 log = logging.getLogger("megaclone.train")
@@ -65,8 +66,6 @@ class CloneSource:
         return describe_growth(self.manifest.model, self.clone)
 
     def provenance(self) -> dict[str, Any]:
-        from megaclone.train.carry import source_lr
-
         record = growth_record(self.path, self.manifest.step, self.manifest.layout, self.manifest.model, self.clone)
         return {"hyperclone": {
             **record, "optimizer": self.clone.optimizer, "lr_transition": self.clone.lr_transition,

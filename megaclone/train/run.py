@@ -23,7 +23,7 @@ from megaclone.checkpoint import CheckpointError, ShardReader
 from megaclone.data import DistributedBatchSampler
 from megaclone.parallel import Layout, TPRNGTracker, build_layout
 from megaclone.spec import num_params
-from megaclone.train.carry import build_carry_engine, start_carried_run
+from megaclone.train.carry import build_carry_engine
 from megaclone.train.checkpointing import (
     layout_dict,
     load_rank_weights,
@@ -46,7 +46,7 @@ from megaclone.train.engine import build_engine, build_model, device_for
 from megaclone.train.integrity import ResumeRefused
 from megaclone.train.logging import MetricsLogger, setup_console_logging
 from megaclone.train.loop import TrainContext, run_eval, train
-from megaclone.train.state_io import elastic_reason, resume_elastic
+from megaclone.train.state_io import elastic_reason, resume_elastic, start_carried_run
 
 log = logging.getLogger("megaclone.train")
 
