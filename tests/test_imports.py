@@ -154,6 +154,24 @@ def test_no_import_cycles() -> None:
         f"{' -> '.join(cycle)}   (strongly connected: {', '.join(members)})" for cycle, members in cycles)
 
 
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same graph between megaclone's top-level packages and modules (`megaclone.train`, `megaclone.spec`)."""
+    def top(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        packages.setdefault(top(module), set()).update(top(t) for t in targets if top(t) != top(module))
+    return packages
+
+
+def test_no_cycles_between_packages() -> None:
+    """One-way at the coarse grain too: tools -> train/convert -> clone/checkpoint -> spec -> config."""
+    cycles = import_cycles(package_graph(import_graph()))
+    assert not cycles, "import cycles between megaclone's packages:\n" + "\n".join(
+        f"{' -> '.join(cycle)}   (strongly connected: {', '.join(members)})" for cycle, members in cycles)
+
+
 def test_graph_sees_function_local_relative_and_package_imports(tmp_path: Path) -> None:
     """The checker itself: a cycle closed only inside a function is found and named, a package's __init__ counts
     for an importer outside the package, and an import under TYPE_CHECKING does not count."""
@@ -170,6 +188,8 @@ def test_graph_sees_function_local_relative_and_package_imports(tmp_path: Path) 
                      "megaclone.sub.c": {"megaclone.sub.a"}, "megaclone.b": {"megaclone.sub", "megaclone.sub.a"}}
     assert import_cycles(graph) == [(["megaclone.b", "megaclone.sub.a", "megaclone.b"],
                                      ["megaclone.b", "megaclone.sub", "megaclone.sub.a"])]
+    assert import_cycles(package_graph(graph)) == [(["megaclone.b", "megaclone.sub", "megaclone.b"],
+                                                    ["megaclone.b", "megaclone.sub"])]
     (pkg / "b.py").write_text("def g():\n    pass\n")
     assert import_cycles(import_graph(pkg)) == []
 
