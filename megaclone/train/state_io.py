@@ -319,7 +319,7 @@ def carry_optimizer_state(engine: Any, module: nn.Module, cfg: RunConfig, layout
     its data position. Returns the training step the run continues after (the small checkpoint's)."""
     params = global_named_parameters(module, cfg.model)
     specs = spec_table(cfg.model)
-    with OptimStateReader(resolve_small(cfg)) as reader:
+    with OptimStateReader(resolve_checkpoint(cfg.clone.init_from)) as reader:
         small_cfg = reader.manifest.model
         moments = {}
         for name in params:
@@ -334,10 +334,6 @@ def carry_optimizer_state(engine: Any, module: nn.Module, cfg: RunConfig, layout
     engine.global_steps = manifest.step
     engine.global_samples = manifest.step * engine.train_batch_size()
     return manifest.step
-
-
-def resolve_small(cfg: RunConfig) -> Path:
-    return resolve_checkpoint(cfg.clone.init_from)
 
 
 def start_carried_run(cfg: RunConfig, source: CloneSource, layout: Layout, module: nn.Module, device: torch.device,
