@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from megaclone.checkpoint import ShardReader, write_weights_checkpoint
 from megaclone.clone.depth import depth_plan
 from megaclone.clone.plan import clone_factors, groups_factor, grown_model_config
 from megaclone.clone.rules import Reader, clone_tensor
@@ -73,8 +74,6 @@ def clone_checkpoint(small_path: str | Path, out_root: str | Path, clone_cfg: Cl
     the tokenizer and the data position are carried over, the clone settings and the source are
     recorded in the manifest's provenance. Returns the new step directory.
     """
-    from megaclone.checkpoint import ShardReader, write_weights_checkpoint
-
     clone_factors(clone_cfg)
     with ShardReader(small_path) as reader:
         small_cfg = reader.config
