@@ -11,7 +11,9 @@ of widened units (a target TP shard) needs one contiguous range of small units.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +32,44 @@ def _check_factor(value: object, flag: str, minimum: int) -> int:
 
 
 def widen_model_config(cfg: ModelConfig, n: int, m: int | None = None) -> ModelConfig:
-    """The config of the n-times wider clone: hidden, heads and groups times n, FFN times m (default n).
+    """The config of the n-times wider clone: hidden, heads, groups (and a separate embedding width) times n, FFN
+    times m (default n).
 
-    The head size is kept, so the softmax scale and RoPE do not change; vocabulary, layers, norm and
-    positions are unchanged.
+    The head size is kept, so the softmax scale and RoPE do not change; vocabulary, layers, norms and
+    positions are unchanged. A tied model with nowhere to fold the unembedding's 1/n (`tied_fold`) is untied.
     """
     n = _check_factor(n, "--hyperclone", 2)
     m = n if m is None else _check_factor(m, "--hyperclone-ffn", 1)
+    tied = cfg.tied_embeddings and tied_fold(cfg) != "lm_head"
+    if cfg.tied_embeddings and not tied:
+        warnings.warn("the clone unties the embeddings: the model has no parametric final norm and no project_out "
+                      "to fold the tied unembedding's 1/n into, so the wide model gets its own lm_head (E o pi) / n",
+                      stacklevel=2)
     return dataclasses.replace(cfg, hidden_size=n * cfg.hidden_size, num_heads=n * cfg.num_heads,
                                num_query_groups=n * cfg.num_query_groups, head_size=cfg.head_size,
-                               ffn_size=m * cfg.ffn_size)
+                               ffn_size=m * cfg.ffn_size, tied_embeddings=tied,
+                               embed_size=None if cfg.embed_size is None else n * cfg.embed_size)
+
+
+def tied_fold(cfg: ModelConfig) -> str | None:
+    """The role whose clone takes the tied unembedding's rescale (DESIGN.md section 2; docs/design.md).
+
+    A tied E' serves both ends: the input needs E' = (E o pi) / a (a = `embedding_divisor`), the output then sums
+    n copies and gives n / a times the logits. The last map before the unembedding divides by c = n / a instead:
+    project_out when the model has it, else the final norm's gain and bias; with neither (OLMo's norm has no
+    parameters) the clone is untied and "lm_head" is built from the embedding. None for an untied model.
+    """
+    if not cfg.tied_embeddings:
+        return None
+    if cfg.has_projections:
+        return "project_out"
+    return "final_norm" if cfg.final_norm and cfg.norm_affine else "lm_head"
+
+
+def embedding_divisor(cfg: ModelConfig, n: int) -> float:
+    """a: the widened token embedding is (E o pi) / a. Gemma scales it by sqrt(hidden), which grows by sqrt(n), so
+    a = sqrt(n) keeps the block input a clone; 1 otherwise."""
+    return math.sqrt(n) if cfg.scale_embeddings else 1
 
 
 def clone_factors(clone_cfg: CloneConfig) -> tuple[int, int]:
@@ -57,7 +87,7 @@ def clone_factors(clone_cfg: CloneConfig) -> tuple[int, int]:
 
 def axis_factor(axis: Axis, n: int, m: int) -> int:
     """How many copies of each small unit the axis holds after widening."""
-    return {"hidden": n, "groups": n, "ffn": m, "vocab": 1, "seq": 1}[axis.kind]
+    return {"hidden": n, "embed": n, "groups": n, "ffn": m, "vocab": 1, "seq": 1}[axis.kind]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 
 from megaclone.config import ModelConfig
 from megaclone.model import ReferenceGPT
-from megaclone.spec import build_param_specs, stages_of
+from megaclone.spec import NORM_ROLES, build_param_specs, stages_of
 
 ARCHS = {
     "mha-gelu-ln-rope-bias-tied": dict(),
@@ -30,7 +30,7 @@ def random_small_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tenso
     state = {}
     for spec in build_param_specs(cfg):
         r = torch.randn(spec.shape, generator=g)
-        if spec.role in ("norm", "final_norm"):
+        if spec.role in NORM_ROLES:
             v = 0.2 * r if spec.is_bias else 1.0 + 0.2 * r
         elif spec.is_bias:
             v = 0.2 * r
