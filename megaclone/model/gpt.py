@@ -36,8 +36,8 @@ class UnitOffsetNorm(nn.Module):
     def __init__(self, size: int, eps: float, rms: bool):
         super().__init__()
         self.size, self.eps, self.rms = size, eps, rms
-        self.weight = nn.Parameter(torch.empty(size))
-        self.bias = None if rms else nn.Parameter(torch.empty(size))
+        self.weight = nn.Parameter(torch.zeros(size))  # the identity, as nn.LayerNorm starts
+        self.bias = None if rms else nn.Parameter(torch.zeros(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = F.rms_norm if self.rms else F.layer_norm
