@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -160,3 +161,21 @@ def test_export_refuses_what_no_family_expresses(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="--dtype 'int8'"):
         export_hf_checkpoint(step_dir, tmp_path / "out", dtype="int8")
+
+
+def test_export_names_the_family_options_a_family_lacks() -> None:
+    olmo2 = ModelConfig(vocab_size=100, hidden_size=32, num_heads=4, activation="swiglu", norm="rmsnorm", bias=False,
+                        norm_placement="branch", qk_norm=True)
+    assert infer_family(olmo2) == "olmo2"
+    with pytest.raises(UnsupportedModelError, match="the llama family cannot express .*norm_placement='branch'; "
+                                                    "qk_norm=True"):
+        infer_family(olmo2, "llama")
+    post_with_final = ModelConfig(vocab_size=100, hidden_size=32, num_heads=4, activation="relu", position="learned",
+                                  position_offset=2, norm_placement="post")
+    with pytest.raises(UnsupportedModelError, match="opt: final_norm=True with norm_placement='post'"):
+        infer_family(post_with_final)
+    assert infer_family(dataclasses.replace(post_with_final, final_norm=False)) == "opt"
+    olmo_eps = ModelConfig(vocab_size=100, hidden_size=32, num_heads=4, activation="swiglu", bias=False,
+                           norm_affine=False, norm_eps=1e-6)
+    with pytest.raises(UnsupportedModelError, match=r"olmo: norm_eps=1e-06"):  # OLMo's LayerNorm fixes 1e-5
+        infer_family(olmo_eps)

@@ -68,6 +68,12 @@ FLIPS = {
     "gpt_neox": dict(rope_fraction=0.5),
     "gpt_neox_sequential_tied": dict(parallel_residual=True),
     "gpt2": dict(activation="gelu_exact"),
+    "opt": dict(activation="gelu"),
+    "opt_350m": dict(norm_placement="pre"),
+    "olmo": dict(norm="rmsnorm"),
+    "olmo2": dict(norm_placement="post"),
+    "gemma": dict(scale_embeddings=False),
+    "gemma_untied": dict(norm_unit_offset=False),
 }
 
 
@@ -93,8 +99,9 @@ def test_import_reads_only_what_each_shard_needs(root: Path) -> None:
 
 
 def test_tensor_parallel_gpt_matches_transformers(root: Path) -> None:
-    """The TP model itself (not only the reference) runs imported GQA + llama3 rope and NeoX partial rope."""
-    cases = ["llama", "gpt_neox", "qwen2"]
+    """The TP model itself (not only the reference) runs imported GQA + llama3 rope, NeoX partial rope, OPT-350m's
+    projections and post-norm, OLMo-2's QK-norm over heads split across the ranks, and Gemma."""
+    cases = ["llama", "gpt_neox", "qwen2", "opt_350m", "olmo2", "gemma"]
     runs = [imported(case, 2, 2, root) for case in cases]
     results = run_distributed(tp_logits, 2, [str(step) for step, _ in runs], sample_tokens())
     for rank_logits in results:
