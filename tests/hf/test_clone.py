@@ -26,7 +26,7 @@ from tests.hf.helpers import (
     save_hf_model,
 )
 
-TOLERANCE = 1e-5  # of max |logit| (DESIGN.md, function preservation)
+TOLERANCE = 1e-5  # of max |logit| (docs/design.md, "Shard locality and layout invariance")
 
 
 def relative_error(got, want) -> float:
