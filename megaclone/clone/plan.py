@@ -52,7 +52,7 @@ def widen_model_config(cfg: ModelConfig, n: int, m: int | None = None) -> ModelC
 
 
 def tied_fold(cfg: ModelConfig) -> str | None:
-    """The role whose clone takes the tied unembedding's rescale (DESIGN.md section 2; docs/design.md).
+    """The role whose clone takes the tied unembedding's rescale (docs/design.md, "Model options of imported families").
 
     A tied E' serves both ends: the input needs E' = (E o pi) / a (a = `embedding_divisor`), the output then sums
     n copies and gives n / a times the logits. The last map before the unembedding divides by c = n / a instead:
