@@ -91,6 +91,7 @@ class RefEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.word = nn.Embedding(cfg.padded_vocab_size, cfg.embedding_size)
+        self.scale, self.offset = embedding_scale(cfg), cfg.position_offset
         self.project_in = nn.Linear(cfg.embedding_size, cfg.hidden_size, bias=False) if cfg.has_projections \
             else nn.Identity()
         self.position = nn.Embedding(cfg.max_seq_len + cfg.position_offset, cfg.hidden_size) \
@@ -112,8 +113,8 @@ class ReferenceGPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean loss over real-vocabulary logits when labels are given, else logits [batch, seq, vocab]."""
-        e, cfg = self.embedding, self.cfg
-        x = self.dropout(embed(tokens, e.word, embedding_scale(cfg), e.project_in, e.position, cfg.position_offset))
+        e = self.embedding
+        x = self.dropout(embed(tokens, e.word, e.scale, e.project_in, e.position, e.offset))
         for block in self.blocks:
             x = block(x)
         x = self.project_out(self.final_norm(x))  # [batch, seq, embed]
