@@ -18,7 +18,7 @@ from tests.distributed import run_distributed
 from tests.hf.helpers import CASES, FAMILY_OF, VOCAB, hf_logits, hf_model, sample_tokens, save_hf_model
 from tests.hf.workers import tp_logits
 
-TOLERANCE = 1e-5  # fp32, absolute (the logits here are O(1) to O(10))
+TOLERANCE = 1e-5  # fp32, of max |logit| (Gemma's scaled embeddings reach 27 here, the others 4 to 12)
 
 
 @functools.cache
@@ -44,7 +44,7 @@ def test_imported_logits_equal_transformers(case: str, tp: int, pp: int, root: P
     with torch.no_grad():
         got = model(sample_tokens())
     assert got.shape == want.shape == (2, 16, VOCAB)
-    assert (got - want).abs().max().item() <= TOLERANCE
+    assert (got - want).abs().max().item() <= TOLERANCE * want.abs().max().item()
     manifest = read_manifest(step_dir)
     assert (manifest.tp_size, manifest.pp_size) == (tp, pp)
     assert manifest.provenance["hf_import"]["family"] == FAMILY_OF[case]
@@ -106,7 +106,7 @@ def test_tensor_parallel_gpt_matches_transformers(root: Path) -> None:
     results = run_distributed(tp_logits, 2, [str(step) for step, _ in runs], sample_tokens())
     for rank_logits in results:
         for case, got, (_, want) in zip(cases, rank_logits, runs):
-            assert (got - want).abs().max().item() <= TOLERANCE, case
+            assert (got - want).abs().max().item() <= TOLERANCE * want.abs().max().item(), case
 
 
 def test_sharded_bf16_source(tmp_path: Path) -> None:
