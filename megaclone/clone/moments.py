@@ -27,6 +27,12 @@ embedding's moments mix the gradients of its two uses, which the wide model keep
 
 `copies` c is how many wide elements copy each small element (the product of the axis factors), so
 ||grad'||^2 = c / p^2 * ||grad||^2: the weight that turns a wide gradient norm into the small one's.
+
+Depth growth: the grown model at the source width is an ordinary model whose optimizer state is the source's
+for every copied tensor (a target block carries its source block's moments) and zero for the zeroed output
+projections of inserted blocks; the rules above then widen that state. Exact continuation cannot hold for an
+inserted block: at step 0 its zeroed projections get a nonzero gradient at once, with no history behind it.
+A groups factor g < n is refused: a qkv weight's k and v rows would have p = g, its q rows p = n.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megaclone.clone.plan import Index, axis_maps, clone_factors, embedding_divisor, widen_model_config
-from megaclone.clone.rules import LINEAR_ROLES, Reader, _check_against_small, fold_divisor, gather_small
+from megaclone.clone.plan import Index, axis_maps, clone_factors, embedding_divisor, groups_factor, grown_model_config
+from megaclone.clone.rules import LINEAR_ROLES, Reader, fold_divisor, gather_small, plan_tensor
 from megaclone.config import CloneConfig, ModelConfig
 from megaclone.spec import ParamSpec, build_param_specs, normalize_index
 
@@ -86,10 +92,17 @@ def carry_factors(wide_spec: ParamSpec, small_cfg: ModelConfig, n: int, m: int) 
     return CarryFactors(_exact(s), _exact(p), copies)
 
 
+def _check_groups_carried(clone_cfg: CloneConfig, n: int, where: str = "") -> None:
+    if groups_factor(clone_cfg) != n:
+        raise ValueError(f"{where}Adam's moments cannot be carried with --hyperclone-groups {groups_factor(clone_cfg)} "
+                         f"< --hyperclone {n} (k, v and q rows scale differently)")
+
+
 def check_carry_possible(small_cfg: ModelConfig, clone_cfg: CloneConfig) -> None:
     """Raise ValueError, before any work, when the moments of this clone cannot be carried (`carry_factors`)."""
     n, m = clone_factors(clone_cfg)
-    for spec in build_param_specs(widen_model_config(small_cfg, n, m)):
+    _check_groups_carried(clone_cfg, n)
+    for spec in build_param_specs(grown_model_config(small_cfg, clone_cfg)):
         carry_factors(spec, small_cfg, n, m)
 
 
@@ -105,9 +118,11 @@ def clone_moment(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneC
     """
     if kind not in MOMENT_KINDS:
         raise ValueError(f"{wide_spec.name}: moment kind {kind!r}: expected one of {MOMENT_KINDS}")
-    n, m = clone_factors(clone_cfg)
-    p = carry_factors(wide_spec, small_cfg, n, m).grad_scale
-    _check_against_small(wide_spec, small_cfg, n, m)
+    plan = plan_tensor(wide_spec, small_cfg, clone_cfg)
+    _check_groups_carried(clone_cfg, plan.n, f"{wide_spec.name}: ")
+    p = carry_factors(wide_spec, small_cfg, plan.n, plan.m).grad_scale  # refuses an untying clone
     ranges = normalize_index(wide_spec.shape, index, wide_spec.name)
+    if plan.source is None:  # a zeroed projection of an inserted block starts without history
+        return torch.zeros([stop - start for start, stop in ranges])
     wide_idx = [torch.arange(start, stop) for start, stop in ranges]
-    return gather_small(wide_spec.name, axis_maps(wide_spec, n, m), wide_idx, read, p if kind == "exp_avg" else p * p)
+    return gather_small(plan.source, plan.maps, wide_idx, read, p if kind == "exp_avg" else p * p)
