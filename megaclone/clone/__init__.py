@@ -16,8 +16,8 @@ from megaclone.clone.plan import (
     widen_model_config,
 )
 from megaclone.clone.rules import LINEAR_ROLES, Reader, clone_tensor
-from megaclone.clone.shard import build_clone_shard, clone_checkpoint
+from megaclone.clone.shard import build_clone_shard, clone_checkpoint, row_share
 
 __all__ = ["LINEAR_ROLES", "MOMENT_KINDS", "NOISE_ROLES", "VARIANTS", "AxisMap", "CarryFactors", "Reader",
            "axis_factor", "build_clone_shard", "carry_factors", "clone_checkpoint", "clone_factors", "clone_moment",
-           "clone_tensor", "copy_similarity", "small_read_ranges", "widen_model_config"]
+           "clone_tensor", "copy_similarity", "row_share", "small_read_ranges", "widen_model_config"]

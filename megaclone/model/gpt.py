@@ -28,6 +28,32 @@ from megaclone.parallel import (
 )
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm left unfilled, like the parallel layers: its values come from the spec table or a checkpoint,
+    so a load never overwrites an initialisation (a cloned or resumed launch writes every parameter once)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm left unfilled (see LayerNorm)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class PositionEmbedding(nn.Embedding):
+    """Learned positions, nn.Embedding left unfilled (see LayerNorm)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+def norm_class(cfg: ModelConfig) -> type[nn.Module]:
+    return LayerNorm if cfg.norm == "layernorm" else RMSNorm
+
+
 def build_norm(cfg: ModelConfig) -> nn.Module:
     """LayerNorm or RMSNorm over the hidden axis; NVIDIA apex's fused kernels when installed on GPU."""
     if torch.cuda.is_available():
@@ -39,9 +65,7 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
             return FusedRMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         except ImportError:
             pass
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return norm_class(cfg)(cfg.hidden_size, eps=cfg.norm_eps)
 
 
 @dataclass(frozen=True)
@@ -197,7 +221,7 @@ class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         self.word = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, tp)
-        self.position = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        self.position = PositionEmbedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from megaclone.config import ModelConfig
-from megaclone.model.gpt import Embedding, TransformerBlock, parallel_logits
+from megaclone.model.gpt import Embedding, TransformerBlock, norm_class, parallel_logits
 from megaclone.parallel import (
     ColumnParallelLinear,
     Layout,
@@ -66,7 +66,7 @@ def build_pipeline_module(cfg: ModelConfig, layout: Layout, rng: TPRNGTracker | 
 
     tp = layout.tp
     tied = cfg.tied_embeddings
-    norm_cls = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
+    norm_cls = norm_class(cfg)  # unfilled: the spec table or a checkpoint gives the values
     first = TiedLayerSpec(TIED_KEY, Embedding, cfg, tp, tied_weight_attr="word.weight") if tied \
         else LayerSpec(Embedding, cfg, tp)
     # With PP=1 DeepSpeed reuses the first stage's module for the second spec of the same key.
