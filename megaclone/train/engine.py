@@ -20,7 +20,12 @@ from megaclone.model.pipeline import global_to_pipeline_name
 from megaclone.parallel import Layout, TPRNGTracker
 from megaclone.spec import build_param_specs
 from megaclone.train.optim import build_lr_scheduler, build_optimizer
-from megaclone.train.zero_fast import install_engine_shortcuts, install_grad_norm, skip_single_rank_all_reduce
+from megaclone.train.zero_fast import (
+    install_engine_shortcuts,
+    install_grad_norm,
+    skip_muon_import,
+    skip_single_rank_all_reduce,
+)
 
 log = logging.getLogger("megaclone.train")
 
@@ -117,6 +122,7 @@ def initialize_engine(cfg: RunConfig, layout: Layout, module: nn.Module, optimiz
     import deepspeed
 
     skip_single_rank_all_reduce()
+    skip_muon_import()
     # DeepSpeed saves this module attribute into every checkpoint, where ds_to_universal looks for it
     module.universal_checkpoint_info = universal_checkpoint_info(cfg.model, layout.pp_size > 1)
     engine, _, _, _ = deepspeed.initialize(
