@@ -57,3 +57,13 @@ def test_output_bytes_unchanged(sources, tmp_path, arch: str, job: str) -> None:
                                              progress=False, **options)).output
     digests = layout_digests(step, options["tp_size"], options["pp_size"])
     assert hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest() == RECORDED[f"{arch}/{job}"]
+
+
+def test_page_cache_writes_give_the_same_bytes(sources, tmp_path) -> None:
+    """`--no-direct-io` (ConvertOptions.direct_io=False) writes the same files through the page cache."""
+    arch, job = sorted(ARCHS)[0], "widen-x2-diagonal-0db"
+    options = JOBS[job]
+    step = convert_checkpoint(ConvertOptions(input=sources[arch], output=tmp_path / "out", chunk_bytes=48,
+                                             progress=False, direct_io=False, **options)).output
+    digests = layout_digests(step, options["tp_size"], options["pp_size"])
+    assert hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest() == RECORDED[f"{arch}/{job}"]

@@ -142,7 +142,8 @@ def _muon_worker(rank: int, world_size: int) -> tuple[bool, bool, bool]:
     layout = build_layout(cfg.parallel)
     engine = build_engine(cfg, layout, build_model(cfg, layout, TPRNGTracker(0, 0)), torch.device("cpu"))
     muon = sys.modules.get(MUON_MODULE)
-    return engine.zero_optimization_stage() == 1, not hasattr(muon, "__file__"), "torch._inductor.compile_fx" in sys.modules
+    inductor = "torch._inductor.compile_fx" in sys.modules
+    return engine.zero_optimization_stage() == 1, not hasattr(muon, "__file__"), inductor
 
 
 def test_deepspeed_engines_start_without_importing_muon() -> None:
