@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 
 from megaclone import cluster
-from megaclone.checkpoint import ShardReader
+from megaclone.checkpoint import CheckpointError, ShardReader
 from megaclone.data import DistributedBatchSampler
 from megaclone.parallel import Layout, TPRNGTracker, build_layout
 from megaclone.train.carry import build_carry_engine, start_carried_run
@@ -28,17 +28,21 @@ from megaclone.train.checkpointing import (
     load_rank_weights,
     resume_training_checkpoint,
     save_training_checkpoint,
+    verify_resume_checkpoint,
 )
 from megaclone.train.cli import RunPlan, build_plan, parse_args
 from megaclone.train.cloning import (
     build_rank_clone,
     check_preservation,
     continue_data_position,
+    depth_monitor,
+    describe_preservation,
     inject_fp32_masters,
     symmetry_monitor,
 )
 from megaclone.train.dataset import eval_batches, open_data, prepare_data_on_rank0
 from megaclone.train.engine import build_engine, build_model, device_for
+from megaclone.train.integrity import ResumeRefused
 from megaclone.train.logging import MetricsLogger, StartupClock, setup_console_logging
 from megaclone.train.loop import TrainContext, run_eval, train
 from megaclone.train.state_io import elastic_reason, resume_elastic
@@ -144,6 +148,8 @@ def run(plan: RunPlan, clock: StartupClock | None = None) -> float | None:
         log.warning(warning)
     for warning in plan.warnings if layout.rank == 0 else []:
         log.warning(warning)
+    if plan.resume is not None:  # every file of the step, checked before anything is loaded or written
+        verify_resume_checkpoint(plan.resume_path, plan.resume, cfg, layout, placement)
     device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
     tracker = _seed(cfg.train.seed, layout, device)
 
@@ -174,8 +180,10 @@ def run(plan: RunPlan, clock: StartupClock | None = None) -> float | None:
         if plan.clone is not None:  # function preservation, then the baseline the cloned run starts from
             stats = check_preservation(engine, layout, plan.clone, eval_set[0], cfg.train.precision)
             logger.event("clone", start_step, **stats, **plan.clone.provenance()["hyperclone"])
-            logger.info("hyperclone: " + " ".join(f"{k}={v:.6g}" for k, v in stats.items()))
+            logger.info(describe_preservation(plan.clone, stats))
             ctx.monitors.append(symmetry_monitor(engine, module, layout, plan.clone))
+            if plan.clone.depth.grown:
+                ctx.monitors.append(depth_monitor(module, layout, plan.clone))
             clock.lap("preservation")
             if cfg.clone.eval_at_start:
                 run_eval(ctx, start_step)
@@ -189,6 +197,15 @@ def run(plan: RunPlan, clock: StartupClock | None = None) -> float | None:
     finally:
         logger.close()
     return final
+
+
+def _exit_refused(error: CheckpointError, rank: int) -> NoReturn:
+    """A checkpoint refused once the process group exists: say why and leave at once, with the usage status.
+    `os._exit`: a peer may still wait in a collective that a normal exit's teardown would block on."""
+    if rank == 0 or not isinstance(error, ResumeRefused):  # every rank raises the same ResumeRefused
+        print(f"pretrain.py: error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(cluster.EXIT_USAGE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         clock.lap("plan")
         init_distributed(env)
         clock.lap("init_distributed")
-        run(plan, clock)
+        try:
+            run(plan, clock)
+        except CheckpointError as e:
+            _exit_refused(e, env.rank)
         # Only after success (a failed rank's peers may be inside a collective, and a destroy could block on them),
         # and together: a rank that tears gloo down while a peer's last collective is still in flight can abort
         # at exit ("terminate called without an active exception") after a complete run.
