@@ -134,8 +134,10 @@ def test_row_shares_make_the_whole_shard(arch: str, noise_db) -> None:
 
     cfg = small_config(arch)
     state = random_small_state(cfg, seed=2)
-    clone_cfg = CloneConfig(factor=2, variant="diagonal", noise_db=noise_db, seed=1)
-    for tp_rank, tp_size, pp_rank, pp_size in [(1, 2, 0, 1), (0, 1, 1, 2)]:
+    for clone_cfg, tp_rank, tp_size, pp_rank, pp_size in [
+            (CloneConfig(factor=2, variant="diagonal", noise_db=noise_db, seed=1), 1, 2, 0, 1),
+            (CloneConfig(factor=2, variant="diagonal", noise_db=noise_db, seed=1), 0, 1, 1, 2),
+            (CloneConfig(factor=2, noise_db=noise_db, grow_layers=4, grow_method="stack"), 1, 2, 1, 2)]:  # depth too
         whole = build_clone_shard(dict_reader(state), cfg, clone_cfg, tp_rank, tp_size, pp_rank, pp_size)
         for parts in (2, 3, 40):
             shares = [build_clone_shard(dict_reader(state), cfg, clone_cfg, tp_rank, tp_size, pp_rank, pp_size,
