@@ -308,6 +308,7 @@ class CloneConfig:
     schedule: str = "continue"  # carry: continue the run's schedule at the small run's step, or restart it there
     data: str | None = None  # continue: read on from the small run's data position | restart: from the start;
     # None: continue with carry (a continuation of training), restart with fresh (a new run, the paper's recipe)
+    eval_at_start: bool = True  # evaluate the widened model on the held-out batches before the first step
 
     @property
     def continues_data(self) -> bool:

@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> ConvertOptions:
     p.add_argument("--verify", action="store_true",
                    help="reload the output and compare its logits with the source's before committing it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output step / add to an existing ROOT")
+    p.add_argument("--no-direct-io", action="store_true",
+                   help="write through the page cache even where the filesystem allows O_DIRECT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.hyperclone or a.grow_layers:  # the launcher's defaults, so that both grow a checkpoint bit for bit alike
@@ -63,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> ConvertOptions:
                           hyperclone_ffn=a.hyperclone_ffn, hyperclone_groups=a.hyperclone_groups,
                           grow_layers=a.grow_layers, grow_method=a.grow_method, clone_variant=a.clone_variant,
                           clone_noise_db=a.clone_noise_db, clone_seed=a.clone_seed, optimizer=a.optimizer,
-                          workers=a.workers, verify=a.verify, overwrite=a.overwrite, progress=not a.no_progress)
+                          workers=a.workers, verify=a.verify, overwrite=a.overwrite, direct_io=not a.no_direct_io,
+                          progress=not a.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

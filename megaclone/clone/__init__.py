@@ -24,11 +24,12 @@ from megaclone.clone.plan import (
     widen_model_config,
 )
 from megaclone.clone.rules import LINEAR_ROLES, Reader, clone_tensor
-from megaclone.clone.shard import build_clone_shard, clone_checkpoint, describe_growth, growth_record
+from megaclone.clone.shard import build_clone_shard, clone_checkpoint, describe_growth, growth_record, row_share
 
 __all__ = ["LINEAR_ROLES", "MOMENT_KINDS", "NOISE_ROLES", "VARIANTS", "ZEROED_ROLES", "AxisMap", "CarryFactors",
            "DepthPlan", "GroupRowsMap", "Reader", "axis_factor", "axis_maps", "build_clone_shard", "carry_factors",
            "check_carry_possible", "clone_checkpoint", "clone_factors", "clone_moment", "clone_tensor",
            "copy_similarity", "deepen_model_config", "depth_plan", "describe_growth", "embedding_divisor",
-           "growth_record", "groups_factor", "grown_model_config", "plan_depth", "small_read_ranges", "tied_fold",
+           "growth_record", "groups_factor", "grown_model_config", "plan_depth", "row_share", "small_read_ranges",
+           "tied_fold",
            "widen_model_config"]

@@ -51,19 +51,38 @@ def check_target_layout(small_cfg: ModelConfig, clone_cfg: CloneConfig, tp_size:
     return grown
 
 
+def row_share(rows: int, part: int, num_parts: int) -> tuple[int, int]:
+    """Rows [start, stop) of part `part` when `rows` rows are split into `num_parts` near-equal contiguous parts."""
+    return part * rows // num_parts, (part + 1) * rows // num_parts
+
+
 def build_clone_shard(read: Reader, small_cfg: ModelConfig, clone_cfg: CloneConfig, tp_rank: int, tp_size: int,
-                      pp_rank: int = 0, pp_size: int = 1) -> dict[str, torch.Tensor]:
+                      pp_rank: int = 0, pp_size: int = 1, share: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
     """Global name -> this target rank's TP slice of every widened parameter on its pipeline stage.
 
     `read(name, index)` returns a slice of the small model's global tensor (a ShardReader's `read`,
     or a dict lookup in tests). The tied embedding is on the first and the last stage. Under depth growth a
-    target stage reads the source blocks it copies, wherever they were stored.
+    target stage reads the source blocks it copies, wherever they were stored. `share=(k, K)` computes only
+    part k of K of every slice's rows (`row_share`): the K data-parallel replicas of one rank each build a part
+    and exchange them. Values never depend on the slicing, so the parts put together are the whole slice bit
+    for bit.
     """
     wide_cfg = check_target_layout(small_cfg, clone_cfg, tp_size, pp_size)
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
         raise ValueError(f"tp_rank={tp_rank}, pp_rank={pp_rank} outside tp_size={tp_size}, pp_size={pp_size}")
-    return {spec.name: clone_tensor(spec, small_cfg, clone_cfg, read, spec.tp_slices(tp_rank, tp_size))
-            for spec in build_param_specs(wide_cfg) if pp_rank in stages_of(spec, wide_cfg, pp_size)}
+    part, num_parts = share
+    if not 0 <= part < num_parts:
+        raise ValueError(f"share={share}: expected (part, number of parts) with 0 <= part < number of parts")
+    out = {}
+    for spec in build_param_specs(wide_cfg):
+        if pp_rank not in stages_of(spec, wide_cfg, pp_size):
+            continue
+        rows, *rest = spec.tp_slices(tp_rank, tp_size)
+        first, last, _ = rows.indices(spec.shape[0])
+        start, stop = row_share(last - first, part, num_parts)
+        index = (slice(first + start, first + stop), *rest)
+        out[spec.name] = clone_tensor(spec, small_cfg, clone_cfg, read, index)
+    return out
 
 
 def clone_checkpoint(small_path: str | Path, out_root: str | Path, clone_cfg: CloneConfig, tp_size: int,

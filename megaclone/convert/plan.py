@@ -65,6 +65,7 @@ class ConvertOptions:
     verify: bool = False
     overwrite: bool = False
     chunk_bytes: int = 4 << 20  # the most output bytes computed at once (rows of one target tensor)
+    direct_io: bool = True  # write around the page cache (O_DIRECT) where the filesystem allows it
     progress: bool = True
 
     def arguments(self) -> dict[str, Any]:

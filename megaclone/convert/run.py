@@ -103,6 +103,7 @@ class WorkContext:
     clone: CloneConfig | None
     tmp_dir: Path
     chunk_bytes: int
+    direct_io: bool = True
 
 
 def tune_process() -> None:
@@ -155,7 +156,8 @@ def row_chunks(job: TensorJob, chunk_bytes: int) -> Iterator[tuple[slice, ...]]:
 def convert_file(job: FileJob, ctx: WorkContext, on_tensor: Callable[[int], None]) -> FileResult:
     """Write one target file into `ctx.tmp_dir`; `on_tensor(nbytes)` after each tensor (progress, abort hook)."""
     wide_specs = spec_table(ctx.target_cfg) if ctx.clone else {}
-    writer = StreamingShardWriter(ctx.tmp_dir / job.rel, [(t.name, t.shape) for t in job.tensors], SHARD_METADATA)
+    writer = StreamingShardWriter(ctx.tmp_dir / job.rel, [(t.name, t.shape) for t in job.tensors], SHARD_METADATA,
+                                  direct=ctx.direct_io)
     optim_reader = open_reader(job.rel, ctx.source)  # optim/ files: --optimizer carry
     reader = optim_reader or ShardReader(ctx.source)
     mapped = 0  # output bytes since the source files were last closed
@@ -332,7 +334,8 @@ def execute_plan(plan: ConversionPlan) -> ConversionReport:
     tmp, fingerprint = plan.tmp_dir, plan.fingerprint()
     report = ConversionReport(output=plan.final_dir, resumed=sorted(done))
     todo = [f for f in plan.files if f.rel not in done]
-    ctx = WorkContext(plan.source, plan.source_manifest.model, plan.target_cfg, plan.clone, tmp, o.chunk_bytes)
+    ctx = WorkContext(plan.source, plan.source_manifest.model, plan.target_cfg, plan.clone, tmp, o.chunk_bytes,
+                      o.direct_io)
     data_bytes = {f.rel: sum(t.nbytes for t in f.tensors) for f in plan.files}
     bar = tqdm(total=sum(data_bytes.values()), initial=sum(data_bytes[r] for r in done), unit="B",
                unit_scale=True, unit_divisor=1024, desc=f"convert -> tp{plan.tp_size} pp{plan.pp_size}",

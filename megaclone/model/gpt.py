@@ -30,6 +30,28 @@ from megaclone.parallel import (
 )
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm left unfilled, like the parallel layers: its values come from the spec table or a checkpoint,
+    so a load never overwrites an initialisation (a cloned or resumed launch writes every parameter once)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm left unfilled (see LayerNorm)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class PositionEmbedding(nn.Embedding):
+    """Learned positions, nn.Embedding left unfilled (see LayerNorm)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class UnitOffsetNorm(nn.Module):
     """RMSNorm or LayerNorm whose gain is 1 + weight, computed in fp32 as Gemma's RMSNorm: weight 0 is the identity."""
 
@@ -52,7 +74,7 @@ def norm_class(cfg: ModelConfig, size: int | None = None) -> tuple[type[nn.Modul
     rms = cfg.norm == "rmsnorm"
     if cfg.norm_unit_offset:
         return UnitOffsetNorm, dict(size=size, eps=cfg.norm_eps, rms=rms)
-    cls: type[nn.Module] = nn.RMSNorm if rms else nn.LayerNorm
+    cls: type[nn.Module] = RMSNorm if rms else LayerNorm  # unfilled: the spec table or a checkpoint fills it
     if torch.cuda.is_available():
         try:  # optional accelerator
             from apex.normalization import FusedLayerNorm, FusedRMSNorm
@@ -267,7 +289,7 @@ class Embedding(nn.Module):
         self.scale, self.offset = embedding_scale(cfg), cfg.position_offset
         self.project_in = nn.Linear(cfg.embedding_size, cfg.hidden_size, bias=False) if cfg.has_projections \
             else nn.Identity()  # replicated: small, and its input (the embedding) is replicated
-        self.position = nn.Embedding(cfg.max_seq_len + cfg.position_offset, cfg.hidden_size) \
+        self.position = PositionEmbedding(cfg.max_seq_len + cfg.position_offset, cfg.hidden_size) \
             if cfg.position == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
 

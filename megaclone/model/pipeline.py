@@ -86,6 +86,14 @@ def pipeline_to_global_name(cfg: ModelConfig, name: str) -> str:
     return _layer_prefix(cfg, int(layer)) + rest
 
 
+def global_to_pipeline_name(cfg: ModelConfig, name: str, layer: int) -> str:
+    """The inverse of `pipeline_to_global_name` for a parameter of pipeline layer `layer` (the spec table's):
+    `blocks.2.attn.qkv.weight` -> `3.attn.qkv.weight`; the tied embedding is DeepSpeed's tied module's."""
+    if layer == 0 and cfg.tied_embeddings and name.startswith("embedding.word."):
+        return f"tied_modules.{TIED_KEY}." + name[len("embedding."):]
+    return f"{layer}." + name[len(_layer_prefix(cfg, layer)):]
+
+
 def build_pipeline_module(cfg: ModelConfig, layout: Layout, rng: TPRNGTracker | None = None) -> nn.Module:
     """A `PipelineModule` holding this rank's stage, with the vocab-parallel loss on the last stage."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec

@@ -94,6 +94,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--hyperclone-data", choices=("continue", "restart"),
                    help="continue: read on from the small run's data position (default with carry); restart: read "
                         "the corpus from its start (default with fresh)")
+    g.add_argument("--clone-eval-at-start", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate the widened model on the held-out batches before the first step (default: yes; "
+                        "the preservation check runs either way)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     return p
 
@@ -133,7 +136,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, dict]:
              ("clone", "noise_db"): args.clone_noise_db, ("clone", "seed"): args.clone_seed,
              ("clone", "optimizer"): args.hyperclone_optimizer,
              ("clone", "lr_transition"): args.hyperclone_lr_transition, ("clone", "data"): args.hyperclone_data,
-             ("clone", "schedule"): args.hyperclone_schedule}
+             ("clone", "schedule"): args.hyperclone_schedule, ("clone", "eval_at_start"): args.clone_eval_at_start}
     out: dict[str, dict] = {}
     for (section, key), value in flags.items():
         if value is not None:

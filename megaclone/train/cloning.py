@@ -29,6 +29,7 @@ from megaclone.clone import (
     groups_factor,
     grown_model_config,
     growth_record,
+    row_share,
 )
 from megaclone.config import CloneConfig, ModelConfig, ParallelConfig
 from megaclone.model import block_modules, global_named_parameters
@@ -40,6 +41,7 @@ from megaclone.train.engine import fp32_masters, is_pipeline, set_fp32_masters
 log = logging.getLogger("megaclone.train")
 
 PRESERVATION_TOLERANCE = 1e-4  # max |wide - small| / max |small| logits, fp32
+PRESERVATION_BATCH = (2, 64)  # at most this many sequences x tokens of the first held-out batch
 MONITOR_ROLES = ("qkv", "mlp_in", "mlp_gate_up")
 
 
@@ -105,10 +107,43 @@ def plan_clone(clone: CloneConfig, parallel: ParallelConfig, world_size: int) ->
 
 
 def build_rank_clone(source: CloneSource, layout: Layout) -> dict[str, torch.Tensor]:
-    """This rank's widened fp32 slices (global name -> TP slice), read from the small slices it needs only."""
+    """This rank's widened fp32 slices (global name -> TP slice), read from the small slices it needs only.
+
+    The DP replicas of a (TP, PP) position need the same slices: each computes 1/dp of every slice's rows and
+    they exchange the parts (collective over the DP group), so the widening costs each rank 1/dp of the work.
+    """
     with ShardReader(source.path) as reader:
-        return build_clone_shard(reader.read, source.manifest.model, source.clone, layout.tp_rank, layout.tp_size,
-                                 layout.pp_rank, layout.pp_size)
+        part = build_clone_shard(reader.read, source.manifest.model, source.clone, layout.tp_rank, layout.tp_size,
+                                 layout.pp_rank, layout.pp_size, share=(layout.dp_rank, layout.dp_size))
+    if layout.dp_size == 1:
+        return part
+    specs = spec_table(source.wide)
+    return exchange_row_shares(part, {name: specs[name].tp_shape(layout.tp_size) for name in part}, layout)
+
+
+def exchange_row_shares(part: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                        layout: Layout) -> dict[str, torch.Tensor]:
+    """The whole slices (of `shapes`) from each DP replica's rows (`row_share` of its DP rank): every part is
+    broadcast by the replica that computed it, in name order; bytes arrive unchanged, so all replicas hold the
+    same bits."""
+    sources = [layout.global_rank(layout.tp_rank, layout.pp_rank, k) for k in range(layout.dp_size)]
+    nccl = dist.get_backend(layout.dp_group) == "nccl"
+    whole, pending = {}, []
+    for name in sorted(part):
+        mine, rows = part[name], shapes[name][0]
+        full = torch.empty(shapes[name], dtype=mine.dtype, device="cuda" if nccl else "cpu")
+        for k, src in enumerate(sources):
+            start, stop = row_share(rows, k, layout.dp_size)
+            if stop == start:
+                continue
+            block = full[start:stop]
+            if k == layout.dp_rank:
+                block.copy_(mine)
+            pending.append(dist.broadcast(block, src=src, group=layout.dp_group, async_op=True))
+        whole[name] = full
+    for work in pending:
+        work.wait()
+    return {name: tensor.cpu() for name, tensor in whole.items()}
 
 
 def inject_fp32_masters(engine: Any, module: nn.Module, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -137,15 +172,19 @@ def wide_logits(engine: Any, layout: Layout, tokens: torch.Tensor, labels: torch
 
 def check_preservation(engine: Any, layout: Layout, source: CloneSource, batch: tuple[torch.Tensor, torch.Tensor],
                        precision: str) -> dict[str, float]:
-    """The wide model (as the engine holds it) against the small checkpoint on one held-out batch.
+    """The wide model (as the engine holds it) against the small checkpoint on a small fixed batch: the first
+    PRESERVATION_BATCH sequences x tokens of one held-out batch.
 
     One rank (last stage, TP and DP rank 0) loads the small model (it is small) and compares; every rank
     gets the numbers and raises when the relative logit error exceeds PRESERVATION_TOLERANCE in fp32 for a
     function-preserving growth. For depth growth by stack or interleave the numbers are the measurement:
     the loss change on this batch at step 0.
     """
-    tokens, labels = batch
+    rows, length = PRESERVATION_BATCH
+    tokens, labels = (t[:rows, :length].contiguous() for t in batch)
     wide = wide_logits(engine, layout, tokens, labels)  # collective: every rank takes part
+    if is_pipeline(engine):  # its buffers now have this batch's shape; training's batches are larger
+        engine.reset_activation_shape()
     holder = layout.global_rank(0, layout.pp_size - 1, 0)
     stats = torch.zeros(4, dtype=torch.float64)  # rel error, max abs diff, wide loss, small loss
     if layout.rank == holder:

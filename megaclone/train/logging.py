@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,39 @@ def peak_flops(device_name: str) -> float | None:
 def model_flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls plus 12 L d s for attention scores (PaLM appendix B)."""
     return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+def process_start_time() -> float | None:
+    """Wall-clock time at which this process started (Linux: /proc, 10 ms resolution); None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class StartupClock:
+    """Where the time to the first step goes: seconds per start-up phase on this rank, logged once.
+
+    `lap(name)` charges the time since the previous lap to `name`; the first phase, `python`, runs from the
+    process's start (interpreter, imports) to the clock's creation.
+    """
+
+    def __init__(self) -> None:
+        self.process_start = process_start_time()
+        self._last = time.time()
+        self.phases: dict[str, float] = {}
+        if self.process_start is not None:
+            self.phases["python"] = max(0.0, self._last - self.process_start)
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def record(self) -> dict[str, Any]:
+        return {"phases": {k: round(v, 3) for k, v in self.phases.items()}, "process_start": self.process_start}
 
 
 class MetricsLogger:

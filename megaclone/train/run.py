@@ -44,7 +44,7 @@ from megaclone.train.cloning import (
 from megaclone.train.dataset import eval_batches, open_data, prepare_data_on_rank0
 from megaclone.train.engine import build_engine, build_model, device_for
 from megaclone.train.integrity import ResumeRefused
-from megaclone.train.logging import MetricsLogger, setup_console_logging
+from megaclone.train.logging import MetricsLogger, StartupClock, setup_console_logging
 from megaclone.train.loop import TrainContext, run_eval, train
 from megaclone.train.state_io import elastic_reason, resume_elastic, start_carried_run
 
@@ -77,16 +77,16 @@ def _provenance(plan: RunPlan) -> dict[str, Any]:
     return {"init": "random", "seed": plan.cfg.train.seed}
 
 
-def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, device: torch.device,
-                     sampler: DistributedBatchSampler) -> tuple[Any, nn.Module, int]:
-    """The engine at its starting point: spec-table init, a widened clone, a weight-only checkpoint, or an exact
-    resume of a training checkpoint. Returns (engine, module, the step training continues after)."""
+def build_start_model(plan: RunPlan, layout: Layout,
+                      tracker: TPRNGTracker) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """This rank's module with its starting weights, and the widened fp32 slices when cloning.
+
+    Each parameter is written once: from the spec table (a new run), the clone or the weight file. An exact
+    resume leaves the module uninitialised, since DeepSpeed's load overwrites every weight.
+    """
     cfg = plan.cfg
-    elastic = elastic_reason(plan.resume, cfg, layout.world_size) if plan.resume is not None else None
-    if elastic is not None:  # another layout, or a converted checkpoint: carry masters, moments, schedule, data
-        return resume_elastic(cfg, plan.resume_path, layout, tracker, device, sampler, elastic, plan.carry)
     weight_only = plan.resume is not None and plan.resume.deepspeed is None
-    module = build_model(cfg, layout, tracker, init=plan.clone is None and not weight_only)
+    module = build_model(cfg, layout, tracker, init=plan.clone is None and plan.resume is None)
     clone_tensors = None
     if plan.clone is not None:  # only this rank's slice, from the small slices it copies
         clone_tensors = build_rank_clone(plan.clone, layout)
@@ -94,6 +94,20 @@ def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, devic
     elif weight_only:
         with ShardReader(plan.resume_path) as reader:
             load_rank_weights(module, cfg.model, layout, reader.read)
+    return module, clone_tensors
+
+
+def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, device: torch.device,
+                     sampler: DistributedBatchSampler, clock: StartupClock) -> tuple[Any, nn.Module, int]:
+    """The engine at its starting point: spec-table init, a widened clone, a weight-only checkpoint, or an exact
+    resume of a training checkpoint. Returns (engine, module, the step training continues after)."""
+    cfg = plan.cfg
+    elastic = elastic_reason(plan.resume, cfg, layout.world_size) if plan.resume is not None else None
+    if elastic is not None:  # another layout, or a converted checkpoint: carry masters, moments, schedule, data
+        return resume_elastic(cfg, plan.resume_path, layout, tracker, device, sampler, elastic, plan.carry)
+    weight_only = plan.resume is not None and plan.resume.deepspeed is None
+    module, clone_tensors = build_start_model(plan, layout, tracker)
+    clock.lap("clone" if plan.clone is not None else "model")
     if plan.clone is not None and cfg.clone.optimizer == "carry":  # resume the small run's optimizer, widened
         engine, step = start_carried_run(cfg, plan.clone, layout, module, device, sampler, clone_tensors)
         return engine, module, step
@@ -105,16 +119,23 @@ def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, devic
         inject_fp32_masters(engine, module, cfg.model, clone_tensors)
     if plan.clone is not None and cfg.clone.continues_data:  # a fresh optimizer, reading on where the small run was
         continue_data_position(sampler, plan.clone.manifest)
+    clock.lap("engine")
     if plan.resume is None or weight_only:
         return engine, module, 0
     cluster.check_same_checkpoint(plan.resume_path, plan.resume.step)  # node-local copies may disagree
     step = resume_training_checkpoint(plan.resume_path, engine, sampler, tracker)
+    clock.lap("resume")
     log.info(f"resumed from {plan.resume_path} at step {step} (exact: DeepSpeed's own state, same layout)")
     return engine, module, step
 
 
-def run(plan: RunPlan) -> float | None:
-    """Train on an initialised default process group; returns the final evaluation loss."""
+def run(plan: RunPlan, clock: StartupClock | None = None) -> float | None:
+    """Train on an initialised default process group; returns the final evaluation loss.
+
+    `clock` times the start-up phases (from the process's start when given; from here otherwise); they are
+    logged as the `startup` event just before the first step.
+    """
+    clock = clock or StartupClock()
     cfg = plan.cfg
     layout = build_layout(cfg.parallel)
     setup_console_logging(layout.rank)
@@ -138,7 +159,8 @@ def run(plan: RunPlan) -> float | None:
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer {data.tokenizer.path} has {data.tokenizer.vocab_size} pieces, more than "
                          f"model.vocab_size={cfg.model.vocab_size}")
-    engine, module, start_step = build_engine_for(plan, layout, tracker, device, data.sampler)
+    clock.lap("setup")
+    engine, module, start_step = build_engine_for(plan, layout, tracker, device, data.sampler, clock)
 
     logger = MetricsLogger(cfg.run_dir, layout.rank == 0, cfg.train.train_iters, start_step)
     logger.event("start", start_step, config=cfg.to_dict(), layout=layout_dict(cfg, layout),
@@ -163,7 +185,12 @@ def run(plan: RunPlan) -> float | None:
             ctx.monitors.append(symmetry_monitor(engine, module, layout, plan.clone))
             if plan.clone.depth.grown:
                 ctx.monitors.append(depth_monitor(module, layout, plan.clone))
-            run_eval(ctx, start_step)
+            clock.lap("preservation")
+            if cfg.clone.eval_at_start:
+                run_eval(ctx, start_step)
+                clock.lap("eval_at_start")
+        logger.event("startup", start_step, **clock.record())
+        logger.info("start-up: " + " ".join(f"{k}={v:.2f}s" for k, v in clock.phases.items()))
         final = train(ctx)
         if save is not None and start_step == cfg.train.train_iters == 0:  # e.g. a widened checkpoint at step 0
             save(0)
@@ -183,6 +210,7 @@ def _exit_refused(error: CheckpointError, rank: int) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
+    clock = StartupClock()
     args = parse_args(argv)
     env = None
     try:
@@ -194,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 2
     with cluster.exit_on_peer_failure(env, plan.cfg.checkpoint.save):  # a lost peer: a message and exit 75
+        clock.lap("plan")
         init_distributed(env)
+        clock.lap("init_distributed")
         try:
-            run(plan)
+            run(plan, clock)
         except CheckpointError as e:
             _exit_refused(e, env.rank)
         # Only after success (a failed rank's peers may be inside a collective, and a destroy could block on them),

@@ -124,3 +124,27 @@ def test_bad_factors_and_layouts_raise() -> None:
         build_clone_shard(dict_reader(state), cfg, CloneConfig(factor=3), 0, 5)
     with pytest.raises(ValueError, match="tp_rank=2"):
         build_clone_shard(dict_reader(state), cfg, CloneConfig(factor=2), 2, 2)
+
+
+@pytest.mark.parametrize("noise_db", [None, 0.0])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_row_shares_make_the_whole_shard(arch: str, noise_db) -> None:
+    """`share=(k, K)`: the K parts of a target rank's slices (what its K data-parallel replicas each compute),
+    stacked in order, are that rank's slices bit for bit, also when a part is empty (K above the rows)."""
+    import torch
+
+    cfg = small_config(arch)
+    state = random_small_state(cfg, seed=2)
+    for clone_cfg, tp_rank, tp_size, pp_rank, pp_size in [
+            (CloneConfig(factor=2, variant="diagonal", noise_db=noise_db, seed=1), 1, 2, 0, 1),
+            (CloneConfig(factor=2, variant="diagonal", noise_db=noise_db, seed=1), 0, 1, 1, 2),
+            (CloneConfig(factor=2, noise_db=noise_db, grow_layers=4, grow_method="stack"), 1, 2, 1, 2)]:  # depth too
+        whole = build_clone_shard(dict_reader(state), cfg, clone_cfg, tp_rank, tp_size, pp_rank, pp_size)
+        for parts in (2, 3, 40):
+            shares = [build_clone_shard(dict_reader(state), cfg, clone_cfg, tp_rank, tp_size, pp_rank, pp_size,
+                                        share=(k, parts)) for k in range(parts)]
+            assert all(set(s) == set(whole) for s in shares)
+            for name, tensor in whole.items():
+                assert bit_equal(torch.cat([s[name] for s in shares]), tensor), (name, parts)
+    with pytest.raises(ValueError, match="share=\\(2, 2\\)"):
+        build_clone_shard(dict_reader(state), cfg, clone_cfg, 0, 1, share=(2, 2))
