@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,19 @@ def setup_console_logging(rank: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.propagate = False
+
+
+def quiet_libraries() -> None:
+    """Keep DeepSpeed's and torch's lines that tell a user nothing off the console: DeepSpeed's accelerator guess
+    on a CPU machine (megaclone picks gloo there itself), its INFO lines, and the FutureWarning torch raises, once
+    per rank, when DeepSpeed's ZeRO calls the deprecated all_gather_into_tensor. Call before DeepSpeed is imported."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 def peak_flops(device_name: str) -> float | None:

@@ -8,6 +8,9 @@ exists; a peer lost mid-run ends every surviving rank with a message and status 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -39,7 +42,7 @@ from megaclone.train.cloning import (
 )
 from megaclone.train.dataset import eval_batches, open_data, prepare_data_on_rank0
 from megaclone.train.engine import build_engine, build_model, device_for
-from megaclone.train.logging import MetricsLogger, setup_console_logging
+from megaclone.train.logging import MetricsLogger, quiet_libraries, setup_console_logging
 from megaclone.train.loop import TrainContext, run_eval, train
 from megaclone.train.state_io import elastic_reason, resume_elastic
 
@@ -53,7 +56,7 @@ def init_distributed(env: cluster.ClusterEnv | None = None) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    quiet_libraries()
     cluster.init_process_group(env)
 
 
@@ -164,8 +167,21 @@ def run(plan: RunPlan) -> float | None:
     return final
 
 
+def parse_args_on_rank0(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse prints its usage, errors and --help itself; under a launcher only rank 0 does, not every rank."""
+    try:
+        rank = cluster.detect_cluster_env().rank
+    except ValueError:  # a broken environment: main reports it after parsing
+        rank = 0
+    if rank == 0:
+        return parse_args(argv)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        return parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    quiet_libraries()
+    args = parse_args_on_rank0(argv)
     env = None
     try:
         env = cluster.detect_cluster_env()
