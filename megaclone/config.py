@@ -10,6 +10,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,11 @@ class ModelConfig:
                                   f"model.rope_high_freq_factor={self.rope_high_freq_factor}: need 0 < low < high")
             if self.rope_original_max_seq_len <= 0:
                 raise ConfigError(f"model.rope_original_max_seq_len={self.rope_original_max_seq_len} must be > 0")
+
+    def summary(self) -> str:
+        """One line that tells two models apart in a message."""
+        return (f"hidden {self.hidden_size}, {self.num_layers} layers, {self.num_heads} heads, ffn {self.ffn_size}, "
+                f"vocab {self.vocab_size}, {self.num_params() / 1e6:.2f}M parameters")
 
     @property
     def rope_size(self) -> int:
@@ -231,6 +237,7 @@ class CheckpointConfig:
     save_interval: int = 0  # steps; 0: only at the end
     load: str = ""  # resume exactly from this directory
     keep_last: int = 0  # 0: keep all
+    overwrite: bool = False  # save into a root of another model, or over a step directory that exists
 
 
 # What `--hyperclone N` uses when neither the flags nor the config name a variant or a noise level: the best of
@@ -238,6 +245,22 @@ class CheckpointConfig:
 # clone, the reference the library and its tests build on.
 HYPERCLONE_DEFAULTS = {"variant": "diagonal", "noise_db": 0.0}
 NO_NOISE = "none"  # what --clone-noise-db takes to turn the default noise off
+
+
+def parse_factor(minimum: int) -> Callable[[str], int]:
+    """An argparse type for a widening factor (--hyperclone N, --hyperclone-ffn M): an integer >= `minimum`."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def parse_noise_db(text: str) -> float | str:
@@ -330,9 +353,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-
-
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check a YAML value against a field's type; YAML 1.1 reads `3e-4` as a string, so floats may be text."""
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
@@ -369,9 +389,12 @@ def model_config_from_dict(values: dict[str, Any], where: str = "model") -> Mode
     return _build(ModelConfig, dict(values), where)
 
 
+_SECTION_CLASSES = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
+                    "checkpoint": CheckpointConfig, "clone": CloneConfig}
+
+
 def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
-    sections = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
-                "data": DataConfig, "checkpoint": CheckpointConfig, "clone": CloneConfig}
+    sections = _SECTION_CLASSES
     unknown = sorted(set(values) - set(sections) - {"run_dir"})
     if unknown:
         raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; known: {sorted(sections) + ['run_dir']}")
@@ -388,6 +411,19 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _check_override_key(item: str, parts: list[str]) -> None:
+    """An unknown key in `--set` is the flag's mistake: name it (not the config file it would have gone into)."""
+    if parts == ["run_dir"]:
+        return
+    if parts[0] not in _SECTION_CLASSES:
+        known = sorted(_SECTION_CLASSES) + ["run_dir"]
+        raise ConfigError(f"--set {item}: unknown section {parts[0]!r}; known: {known}")
+    known = sorted(f.name for f in dataclasses.fields(_SECTION_CLASSES[parts[0]]))
+    if len(parts) != 2 or parts[1] not in known:
+        raise ConfigError(f"--set {item}: unknown key {'.'.join(parts[1:])!r} in section '{parts[0]}'; known keys: "
+                          f"{known}")
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides (values parsed as YAML scalars) to a raw config dict."""
     for item in overrides:
@@ -395,6 +431,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        _check_override_key(item, parts)
         node = values
         for part in parts[:-1]:
             node = node.setdefault(part, {})

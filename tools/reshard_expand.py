@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaclone.config import HYPERCLONE_DEFAULTS, NO_NOISE, parse_noise_db  # noqa: E402
+from megaclone.config import HYPERCLONE_DEFAULTS, NO_NOISE, parse_factor, parse_noise_db  # noqa: E402
 from megaclone.convert import ConvertOptions, VerificationError, convert_checkpoint, tune_process  # noqa: E402
 
 
@@ -31,8 +31,10 @@ def parse_args(argv: list[str] | None = None) -> ConvertOptions:
     p.add_argument("--tp", type=int, default=None, help="target tensor-parallel size (default: the source's)")
     p.add_argument("--pp", type=int, default=None, help="target pipeline-parallel size (default: the source's)")
     g = p.add_argument_group("HyperCloning (widening)")
-    g.add_argument("--hyperclone", type=int, default=0, metavar="N", help="widen hidden size, heads and groups N times")
-    g.add_argument("--hyperclone-ffn", type=int, default=None, metavar="M", help="widen the FFN M times (default N)")
+    g.add_argument("--hyperclone", type=parse_factor(2), default=0, metavar="N",
+                   help="widen hidden size, heads and groups N times (N >= 2; without it: reshard only)")
+    g.add_argument("--hyperclone-ffn", type=parse_factor(1), default=None, metavar="M",
+                   help="widen the FFN M times (default N)")
     g.add_argument("--clone-variant", default=None, choices=("symmetric", "diagonal"),
                    help=f"weight layout of the copies (default {HYPERCLONE_DEFAULTS['variant']}, as at launch)")
     g.add_argument("--clone-noise-db", type=parse_noise_db, default=None, metavar="DB|none",

@@ -93,7 +93,7 @@ def commit_checkpoint(tmp_dir: str | Path) -> Path:
     return final
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
     found = []
     for child in root.iterdir():
         m = STEP_DIR_RE.match(child.name)
@@ -115,7 +115,7 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
         raise CheckpointError(f"checkpoint root {root} does not exist")
     latest = root / LATEST_NAME
     current = latest.read_text().strip() if latest.is_file() else None
-    steps = _step_dirs(root)
+    steps = step_dirs(root)
     removed = []
     for _, path in steps[: max(0, len(steps) - keep_last)]:
         if path.name == current:

@@ -131,6 +131,7 @@ class Manifest:
     deepspeed: str | None = None  # subdirectory holding DeepSpeed's own checkpoint
     provenance: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] | None = None  # Adam state files: {step, scheduler, files} (see checkpoint.optim_state)
+    settings: dict[str, Any] | None = None  # the run's train, data and checkpoint settings ({section: {key: value}})
 
     @property
     def tp_size(self) -> int:
@@ -145,7 +146,8 @@ class Manifest:
                 "model": dataclasses.asdict(self.model), "layout": dict(self.layout), "tokenizer": self.tokenizer,
                 "data": dict(self.data), "params": [p.to_dict() for p in self.params], "files": dict(self.files),
                 "deepspeed": self.deepspeed, "provenance": dict(self.provenance),
-                **({"optimizer": dict(self.optimizer)} if self.optimizer is not None else {})}
+                **({"optimizer": dict(self.optimizer)} if self.optimizer is not None else {}),
+                **({"settings": dict(self.settings)} if self.settings is not None else {})}
 
     @staticmethod
     def from_dict(d: Any, where: str = MANIFEST_NAME) -> Manifest:
@@ -189,10 +191,15 @@ class Manifest:
             from megaclone.checkpoint.optim_state import check_optimizer_record
 
             check_optimizer_record(optimizer, where)
+        settings = d.get("settings")
+        if settings is not None and not (isinstance(settings, dict) and all(isinstance(v, dict)
+                                                                            for v in settings.values())):
+            raise CheckpointError(f"{where}: 'settings' must map section names to mappings, got {settings!r}")
         return Manifest(step=d["step"], model=model, layout=dict(layout), params=params,
                         tokenizer=d.get("tokenizer"), data=dict(d.get("data") or {}), files=dict(files),
                         deepspeed=d.get("deepspeed"), provenance=dict(d.get("provenance") or {}),
-                        optimizer=dict(optimizer) if optimizer is not None else None)
+                        optimizer=dict(optimizer) if optimizer is not None else None,
+                        settings=dict(settings) if settings is not None else None)
 
 
 def make_manifest(cfg: ModelConfig, step: int, tp_size: int, pp_size: int, *, dp_size: int = 1,

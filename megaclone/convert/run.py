@@ -375,7 +375,8 @@ def execute_plan(plan: ConversionPlan) -> ConversionReport:
     manifest = make_manifest(plan.target_cfg, plan.step, plan.tp_size, plan.pp_size,
                              tokenizer="tokenizer.model" if src.tokenizer else None, data=dict(src.data),
                              files=files, provenance=_provenance(plan),
-                             optimizer=carried_record(src, {f.rel: done[f.rel] for f in plan.files}))
+                             optimizer=carried_record(src, {f.rel: done[f.rel] for f in plan.files}),
+                             settings=src.settings)
     write_manifest(tmp, manifest)
     if o.verify:
         report.verify = verify_conversion(plan.source, tmp, widened=plan.clone is not None)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megaclone.checkpoint import (
+    LATEST_NAME,
     MANIFEST_NAME,
     CheckpointError,
     Manifest,
@@ -39,7 +40,7 @@ from megaclone.checkpoint import (
     weight_file_digests,
     write_manifest,
 )
-from megaclone.checkpoint.io import TMP_PREFIX
+from megaclone.checkpoint.io import TMP_PREFIX, step_dirs
 from megaclone.cluster import ClusterReport, hash_node_files, replica_writers, write_node_inventory
 from megaclone.config import ModelConfig, RunConfig
 from megaclone.data import DistributedBatchSampler
@@ -118,7 +119,7 @@ def _write_pipeline_layers(engine: Any, step_dir: Path) -> None:
 def save_training_checkpoint(root: str | Path, step: int, cfg: RunConfig, layout: Layout, engine: Any,
                              module: nn.Module, sampler: DistributedBatchSampler, tracker: TPRNGTracker,
                              tokenizer: Path | None, provenance: dict[str, Any],
-                             placement: ClusterReport | None = None) -> Path:
+                             placement: ClusterReport | None = None, settings: dict[str, Any] | None = None) -> Path:
     """Write ROOT/step_XXXXXXXX on all ranks together (see the checkpoint contract); returns the step dir.
 
     Node-local (`placement` says which ranks share a node): every node's first rank prepares and commits the
@@ -160,7 +161,7 @@ def save_training_checkpoint(root: str | Path, step: int, cfg: RunConfig, layout
             cfg.model, step, layout.tp_size, layout.pp_size, dp_size=layout.dp_size,
             zero_stage=cfg.parallel.zero_stage, precision=cfg.train.precision,
             tokenizer="tokenizer.model" if tokenizer is not None else None, data=sampler.state_dict(),
-            files=files, deepspeed=DEEPSPEED_TAG, provenance=provenance,
+            files=files, deepspeed=DEEPSPEED_TAG, provenance=provenance, settings=settings,
             optimizer=optimizer_record(engine, tmp, layout, every_file if node_local else None))
         write_manifest(tmp, manifest)
         if node_local:
@@ -182,6 +183,35 @@ def model_mismatch(saved: ModelConfig, current: ModelConfig) -> list[str]:
     """`key: saved != current` for every architecture field that differs (dropout may change)."""
     return [f"model.{k}: checkpoint {v!r} != run {getattr(current, k)!r}"
             for k, v in vars(saved).items() if k not in TRAINING_ONLY_KEYS and getattr(current, k) != v]
+
+
+def check_save_root(cfg: RunConfig, start_step: int) -> None:
+    """Refuse, before any work, a --save root that holds another model's checkpoints, or a step directory this run
+    would write over (checkpoint.overwrite allows both). Resuming into the root it was loaded from writes only later
+    steps, so it passes; `start_step` is the step training continues after."""
+    root = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
+    if root is None or cfg.checkpoint.overwrite or not root.is_dir():
+        return
+    existing = step_dirs(root)
+    if not existing:
+        return
+    held = read_manifest(root if (root / LATEST_NAME).is_file() else existing[-1][1])
+    diffs = model_mismatch(held.model, cfg.model)
+    if diffs:
+        raise CheckpointError(f"--save {root}: it holds checkpoints of another model (step {held.step}: "
+                              f"{held.model.summary()}) than this run's ({cfg.model.summary()}): "
+                              + "; ".join(diffs[:3]) + ". Save elsewhere, or give --overwrite to add this run's "
+                              "checkpoints there (and move its `latest` to them)")
+    total, every = cfg.train.train_iters, cfg.checkpoint.save_interval
+
+    def saves(step: int) -> bool:  # as train() and run() decide
+        return (start_step < step <= total and (step == total or (every > 0 and step % every == 0))) \
+            or step == start_step == total == 0
+
+    clash = [path for step, path in existing if saves(step)]
+    if clash:
+        raise CheckpointError(f"--save {root}: {clash[0]} exists, and this run would write over it. Save elsewhere, "
+                              f"resume from it with --load, or give --overwrite to replace it")
 
 
 def check_resume(manifest: Manifest, path: Path, cfg: RunConfig, world_size: int) -> None:

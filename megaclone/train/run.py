@@ -44,6 +44,7 @@ from megaclone.train.dataset import eval_batches, open_data, prepare_data_on_ran
 from megaclone.train.engine import build_engine, build_model, device_for
 from megaclone.train.logging import MetricsLogger, quiet_libraries, setup_console_logging
 from megaclone.train.loop import TrainContext, run_eval, train
+from megaclone.train.settings import describe_sources, settings_record
 from megaclone.train.state_io import elastic_reason, resume_elastic
 
 log = logging.getLogger("megaclone.train")
@@ -73,6 +74,25 @@ def _provenance(plan: RunPlan) -> dict[str, Any]:
     if plan.resume is not None:
         return {**plan.resume.provenance, "resumed_from": str(plan.resume_path)}
     return {"init": "random", "seed": plan.cfg.train.seed}
+
+
+def describe_start(plan: RunPlan) -> str:
+    """What the run starts from, said before the (possibly long) model build: above all whether a --load resumes
+    exactly or through the layout-free path."""
+    cfg = plan.cfg
+    if plan.clone is not None:
+        return (f"start: the x{cfg.clone.factor} HyperCloning widening of {plan.clone.path} (step "
+                f"{plan.clone.manifest.step}), {cfg.clone.optimizer} optimizer, training after step {plan.start_step}")
+    if plan.resume is None:
+        return f"start: random initialisation (seed {cfg.train.seed})"
+    where = f"{plan.resume_path} (step {plan.resume.step})"
+    if plan.resume.deepspeed is None and plan.resume.optimizer is None:
+        return f"start: the weights of {where}, a fresh optimizer from step 0 (the checkpoint holds no optimizer state)"
+    reason = elastic_reason(plan.resume, cfg, plan.world_size)
+    if reason is not None:
+        return (f"start: resuming {where} through the layout-free path ({reason}): fp32 masters, Adam moments, LR "
+                "schedule and data position carried; DeepSpeed's own state is not used")
+    return f"start: resuming {where} exactly (DeepSpeed's own state, at the layout it was saved with)"
 
 
 def build_engine_for(plan: RunPlan, layout: Layout, tracker: TPRNGTracker, device: torch.device,
@@ -126,6 +146,9 @@ def run(plan: RunPlan) -> float | None:
         log.warning(warning)
     for warning in plan.warnings if layout.rank == 0 else []:
         log.warning(warning)
+    for line in describe_sources(plan.sources, cfg):
+        log.info(line)
+    log.info(describe_start(plan))
     device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
     tracker = _seed(cfg.train.seed, layout, device)
 
@@ -147,7 +170,7 @@ def run(plan: RunPlan) -> float | None:
 
         def save(step: int) -> None:
             save_training_checkpoint(cfg.checkpoint.save, step, cfg, layout, engine, module, data.sampler, tracker,
-                                     data.tokenizer.path, provenance, placement)
+                                     data.tokenizer.path, provenance, placement, settings_record(cfg, plan.data.prefix))
 
     batches = ((t.to(device), y.to(device)) for t, y in data.batches())
     ctx = TrainContext(cfg, layout, engine, batches, eval_set, logger, start_step, save)
