@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import torch
@@ -190,21 +191,40 @@ def run(plan: RunPlan) -> float | None:
     return final
 
 
-def parse_args_on_rank0(argv: list[str] | None = None) -> argparse.Namespace:
+RANK0_REPORT_WAIT_S = 3.0  # how long other ranks wait before exiting on a mistake, so that rank 0 reports it
+
+
+def _launch_rank() -> int:
+    try:
+        return cluster.detect_cluster_env().rank
+    except ValueError:  # a broken environment: main reports it on every rank
+        return 0
+
+
+def _exit_after_rank0(rank: int) -> None:
+    """Every rank finds the same mistake, but only rank 0 reports it, and a launcher ends every rank as soon as one
+    exits: the others wait a moment, so rank 0 is not killed before its message is out."""
+    if rank != 0:
+        time.sleep(RANK0_REPORT_WAIT_S)
+
+
+def parse_args_on_rank0(argv: list[str] | None, rank: int) -> argparse.Namespace:
     """argparse prints its usage, errors and --help itself; under a launcher only rank 0 does, not every rank."""
     try:
-        rank = cluster.detect_cluster_env().rank
-    except ValueError:  # a broken environment: main reports it after parsing
-        rank = 0
-    if rank == 0:
-        return parse_args(argv)
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        return parse_args(argv)
+        if rank == 0:
+            return parse_args(argv)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return parse_args(argv)
+    except SystemExit as e:
+        if e.code:
+            _exit_after_rank0(rank)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    args = parse_args_on_rank0(argv)
+    rank = _launch_rank()
+    args = parse_args_on_rank0(argv, rank)
     env = None
     try:
         env = cluster.detect_cluster_env()
@@ -213,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # the user's mistake: say it, do nothing
         if env is None or env.rank == 0:  # a broken environment: every rank says so
             print(f"pretrain.py: error: {e}", file=sys.stderr)
+        _exit_after_rank0(rank)
         return 2
     with cluster.exit_on_peer_failure(env, plan.cfg.checkpoint.save):  # a lost peer: a message and exit 75
         init_distributed(env)

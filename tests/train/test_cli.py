@@ -205,6 +205,9 @@ def test_bad_clone_sources_write_nothing(small_ckpt: Path, tmp_path: Path, capsy
 def test_argparse_speaks_from_rank_0_only(rank: int, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture) -> None:
     """Under a launcher every rank parses the same command line: a bad flag is reported once, not once per rank."""
+    import megaclone.train.run as run_module
+
+    monkeypatch.setattr(run_module, "RANK0_REPORT_WAIT_S", 0.0)
     for key, value in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": 29500}.items():
         monkeypatch.setenv(key, str(value))
