@@ -58,6 +58,9 @@ def model_flops_per_token(num_params: int, num_layers: int, hidden_size: int, se
     return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len
 
 
+HEARTBEAT_S = 10.0  # a step's line goes to the console at least this often, whatever train.log_interval says
+
+
 class MetricsLogger:
     """Rank 0 writes; every other rank holds a logger that does nothing, so callers need no rank checks."""
 
@@ -67,6 +70,7 @@ class MetricsLogger:
         self._file = None
         self._bar = None
         self._tb = None
+        self._last_line = time.monotonic()
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,15 +96,18 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def train_step(self, step: int, values: dict[str, Any], console: bool) -> None:
+        """Record a step; its line goes to the console when `console`, or when the last line is HEARTBEAT_S old
+        (a slow machine, or a long log_interval, never leaves the console silent)."""
         self.event("train", step, **values)
         if not self.enabled:
             return
         self._bar.update(step - self._bar.n)
         self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-        if console:
+        if console or time.monotonic() - self._last_line >= HEARTBEAT_S:
             text = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
             self._bar.write(f"step {step}: {text}", file=sys.stdout)
             sys.stdout.flush()  # visible at once when stdout is a file or a pipe
+            self._last_line = time.monotonic()
 
     def info(self, message: str) -> None:
         """A console line that does not break the progress bar."""
@@ -111,6 +118,7 @@ class MetricsLogger:
             sys.stdout.flush()
         else:
             log.info(message)
+        self._last_line = time.monotonic()
 
     def close(self) -> None:
         if self._bar is not None:
