@@ -8,11 +8,12 @@
 4. The control "S-equivalent": S continued on the same batches with the schedule a noise-free symmetric clone with
    a fresh optimizer follows. Under Adam that schedule is per parameter: lr x s, weight decay / s, eps x p, with s
    the input widening of the parameter's value (2 for the block matrices, 2 for the final norm under tied
-   embeddings, 1 for embeddings, norms and biases) and clipping on the wide model's gradient norm (DESIGN.md 2, 4;
-   megaclone.clone.carry_factors). The CLI has one `train.lr` and one `train.weight_decay`, so that schedule cannot
-   be set on a d=64 run; the noise-free symmetric clone *is* S under that schedule (same function at every step,
-   DESIGN.md 2), and its symmetry monitor proves it stays so (asymmetry ~0). It is therefore the S-equivalent
-   curve, computed at the wide width; its FLOPs are not charged to any other run.
+   embeddings, 1 for embeddings, norms and biases) and clipping on the wide model's gradient norm
+   (docs/design.md, "Carrying the optimizer state"; megaclone.clone.carry_factors). The CLI has one `train.lr` and
+   one `train.weight_decay`, so that schedule cannot be set on a d=64 run; the noise-free symmetric clone *is* S
+   under that schedule (same function at every step, docs/design.md, "Symmetric and diagonal variants"), and its
+   symmetry monitor proves it stays so (asymmetry ~0). It is therefore the S-equivalent curve, computed at the wide
+   width; its FLOPs are not charged to any other run.
 5. Report: held-out curves (tokens on x), final losses, speedups (wide tokens; with S's FLOPs; with S's tokens),
    the gain over S-equivalent, the copies' asymmetry (1 - clone_similarity) over time, all with the seed spread.
 
