@@ -148,8 +148,8 @@ def _layers(args: argparse.Namespace, warnings: list[str]) -> list[Layer]:
     given = merge_layers(layers)
     if (given.get("clone") or {}).get("factor"):  # a cloned run: the measured best, where nothing else sets them
         layers.insert(0, ("the HyperCloning defaults", {"clone": dict(HYPERCLONE_DEFAULTS)}))
-    source = _source_checkpoint(given)
-    if source is not None and not args.config:
+    source = None if args.config else _source_checkpoint(given)
+    if source is not None:
         layers.insert(0, inherited_layer(read_manifest(source), source, warnings))
     return layers
 
