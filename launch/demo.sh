@@ -12,8 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
 RUN=${RUN:-runs/demo}
-SMALL_ITERS=${SMALL_ITERS:-600}
-WIDE_ITERS=${WIDE_ITERS:-240}
+SMALL_ITERS=${SMALL_ITERS:-500}
+WIDE_ITERS=${WIDE_ITERS:-200}
 export PYTHONUNBUFFERED=1
 if ! nvidia-smi -L >/dev/null 2>&1; then
     export DS_ACCELERATOR=cpu  # no GPU: say so, instead of a DeepSpeed warning from every process that looks for one

@@ -75,8 +75,10 @@ def widening_summary(small_dir: str | Path, wide_dir: str | Path, extra_outputs:
     line += f", {end['eval_loss']:.4f} at step {end['step']}"
     lines.append(line)
     if "clone_similarity" in start:
-        lines.append(f"{SIMILARITY_MEANING}; here {start['clone_similarity']:.3f} at the widening "
-                     f"(the zero-sum noise, {clone.get('noise_db')} dB) -> {end['clone_similarity']:.3f} at the end")
+        noise = clone.get("noise_db")
+        cause = f"set by the {noise:g} dB zero-sum noise" if noise is not None else "no noise: the copies start equal"
+        lines.append(f"{SIMILARITY_MEANING}; here {start['clone_similarity']:.3f} at the widening ({cause}) -> "
+                     f"{end['clone_similarity']:.3f} at the end")
     lines.append("outputs:")
     outputs = _outputs(small_dir, "small") + _outputs(wide_dir, "wide") + list(extra_outputs)
     width = max(len(path) for path, _ in outputs)

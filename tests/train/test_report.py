@@ -44,8 +44,8 @@ def test_summary_shows_the_rise_after_the_widening_and_where_outputs_went(tmp_pa
     assert lines[2].startswith(f"wide model ({wide}): held-out loss 3.7400 at the widening, rose to 3.9700 at step 20 "
                                "(+0.2300: training went on with a fresh optimizer")
     assert lines[2].endswith(", 3.6000 at step 240")
-    assert lines[3].startswith(SIMILARITY_MEANING) and lines[3].endswith("0.500 at the widening (the zero-sum noise, "
-                                                                         "0.0 dB) -> 0.310 at the end")
+    assert lines[3].startswith(SIMILARITY_MEANING)
+    assert lines[3].endswith("0.500 at the widening (set by the 0 dB zero-sum noise) -> 0.310 at the end")
     outputs = lines[lines.index("outputs:") + 1:]
     assert any(f"{tmp_path / 'small' / 'ckpt'}" in o and "(latest: step_00000600)" in o for o in outputs)
     assert any(f"{small / 'data' / 'corpus'}_*" in o and "bundled corpus" in o for o in outputs)  # built by the small
@@ -55,9 +55,10 @@ def test_summary_shows_the_rise_after_the_widening_and_where_outputs_went(tmp_pa
 
 def test_no_rise_is_reported_when_there_was_none(tmp_path: Path) -> None:
     small = _run(tmp_path / "small", [(600, 3.74, None)])
-    wide = _run(tmp_path / "wide", [(0, 3.74, 0.5), (240, 3.60, 0.3)], clone=CLONE)
-    assert widening_summary(small, wide)[2] == f"wide model ({wide}): held-out loss 3.7400 at the widening, 3.6000 " \
-                                               "at step 240"
+    wide = _run(tmp_path / "wide", [(0, 3.74, 1.0), (240, 3.60, 1.0)], clone={**CLONE, "noise_db": None})
+    lines = widening_summary(small, wide)
+    assert lines[2] == f"wide model ({wide}): held-out loss 3.7400 at the widening, 3.6000 at step 240"
+    assert lines[3].endswith("1.000 at the widening (no noise: the copies start equal) -> 1.000 at the end")
 
 
 def test_a_run_that_did_not_widen_is_named(tmp_path: Path) -> None:
