@@ -391,15 +391,15 @@ def model_config_from_dict(values: dict[str, Any], where: str = "model") -> Mode
 
 _SECTION_CLASSES = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
                     "checkpoint": CheckpointConfig, "clone": CloneConfig}
+_TOP_LEVEL_KEYS = sorted(_SECTION_CLASSES) + ["run_dir"]
 
 
 def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
-    sections = _SECTION_CLASSES
-    unknown = sorted(set(values) - set(sections) - {"run_dir"})
+    unknown = sorted(set(values) - set(_TOP_LEVEL_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; known: {sorted(sections) + ['run_dir']}")
+        raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; known: {_TOP_LEVEL_KEYS}")
     built = {}
-    for name, cls in sections.items():
+    for name, cls in _SECTION_CLASSES.items():
         section = values.get(name) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{where}: '{name}' must be a mapping, got {type(section).__name__}")
@@ -416,8 +416,7 @@ def _check_override_key(item: str, parts: list[str]) -> None:
     if parts == ["run_dir"]:
         return
     if parts[0] not in _SECTION_CLASSES:
-        known = sorted(_SECTION_CLASSES) + ["run_dir"]
-        raise ConfigError(f"--set {item}: unknown section {parts[0]!r}; known: {known}")
+        raise ConfigError(f"--set {item}: unknown section {parts[0]!r}; known: {_TOP_LEVEL_KEYS}")
     known = sorted(f.name for f in dataclasses.fields(_SECTION_CLASSES[parts[0]]))
     if len(parts) != 2 or parts[1] not in known:
         raise ConfigError(f"--set {item}: unknown key {'.'.join(parts[1:])!r} in section '{parts[0]}'; known keys: "

@@ -222,7 +222,6 @@ def parse_args_on_rank0(argv: list[str] | None, rank: int) -> argparse.Namespace
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_libraries()
     rank = _launch_rank()
     args = parse_args_on_rank0(argv, rank)
     env = None

@@ -117,7 +117,7 @@ def test_readme_examples_run_in_order(small_run: SmallRun, tmp_path: Path, monke
             assert output.count("Setting accelerator to CPU") <= 2, code  # the launcher's own processes, not ranks
     exact = output_of(r"--tp 2 --load runs/tiny/ckpt")
     assert "start: resuming" in exact and "exactly (DeepSpeed's own state" in exact
-    elastic = output_of(r"tiny.yaml --load runs/tiny/ckpt")
+    elastic = output_of(r"--zero-stage 2 --load runs/tiny/ckpt")
     start = elastic.index("start: resuming")  # said at start, before the model is built and trained
     assert "through the layout-free path" in elastic[start:].splitlines()[0]
     assert start < re.search(r"^step \d+:", elastic, flags=re.M).start()
