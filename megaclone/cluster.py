@@ -244,9 +244,24 @@ def init_process_group(env: ClusterEnv) -> None:
     import torch
 
     export_cluster_env(env)
+    timeout = collective_timeout()
     skip_deepspeed_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
-                               timeout=collective_timeout())
+                               timeout=timeout)
+    use_timeout_for_new_groups(timeout)
+
+
+def use_timeout_for_new_groups(timeout: timedelta) -> None:
+    """Give every process group created from now on `timeout`, as the default group has.
+
+    torch gives a group made by `new_group` without a timeout its module default (30 min for gloo, 10 for NCCL),
+    not the default group's. megaclone's layout groups, DeepSpeed's pipeline grid and its own groups are all made
+    that way, so a peer that hangs in a data-parallel or pipeline collective held the others for half an hour.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 DEEPSPEED_SHM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
@@ -477,33 +492,6 @@ def check_same_checkpoint(step_dir: str | Path, step: int) -> None:
         seen = "; ".join(sorted({f"step {s} ({path} on {host})" for s, path, host in found}))
         raise CheckpointError(f"--load: ranks resolved different checkpoints: {seen}. A save was interrupted on some "
                               f"node; pass --load ROOT/step_XXXXXXXX of a step that every node holds")
-
-
-def hash_node_files(step_dir: Path, report: ClusterReport, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Collective, after every rank has written its files: the ranks of each node hash a share of their node's
-    copy of `step_dir`. Returns (this node's files, every node's files merged) as {relative path: digest}; a
-    file that two nodes both hold (replicated weights and model states) must be byte-identical."""
-    import torch.distributed as dist
-
-    from megaclone.checkpoint import CheckpointError, file_digest
-
-    node = report.node_of(rank)
-    ranks = report.nodes[node]["ranks"]
-    names = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
-                   if p.is_file() and p.name != NODE_INVENTORY_NAME)
-    mine = {rel: file_digest(step_dir / rel) for rel in names[ranks.index(rank)::len(ranks)]}
-    gathered: list[Any] = [None] * report.world_size
-    dist.all_gather_object(gathered, (node, mine))
-    own: dict[str, Any] = {}
-    union: dict[str, Any] = {}
-    for n, digests in sorted(gathered, key=lambda g: g[0]):
-        for rel, entry in digests.items():
-            if n == node:
-                own[rel] = entry
-            if union.setdefault(rel, entry) != entry:
-                raise CheckpointError(f"node-local checkpoint {step_dir}: the copies of {rel} on different nodes "
-                                      f"differ (sha256 {union[rel]['sha256'][:12]} vs {entry['sha256'][:12]})")
-    return own, union
 
 
 def write_node_inventory(step_dir: Path, report: ClusterReport, rank: int, step: int,

@@ -245,6 +245,7 @@ class CheckpointConfig:
 # clone, the reference the library and its tests build on.
 HYPERCLONE_DEFAULTS = {"variant": "diagonal", "noise_db": 0.0}
 NO_NOISE = "none"  # what --clone-noise-db takes to turn the default noise off
+GROW_METHODS = ("zero", "stack", "interleave")  # --grow-method (megaclone.clone.depth)
 
 
 def parse_factor(minimum: int) -> Callable[[str], int]:
@@ -277,8 +278,11 @@ def parse_noise_db(text: str) -> float | str:
 @dataclass
 class CloneConfig:
     init_from: str = ""  # small checkpoint directory
-    factor: int = 0  # n: hidden width, heads and query groups; 0: no cloning
+    factor: int = 0  # n: hidden width and heads; 0: no widening (1: keep the width, e.g. FFN-only or depth growth)
     ffn_factor: int | None = None  # m: FFN width; None: n
+    groups_factor: int | None = None  # g: query groups (KV heads), divides n; None: n
+    grow_layers: int = 0  # target number of layers (> the source's); 0: keep the depth
+    grow_method: str = "zero"  # zero (new identity blocks, lossless) | stack | interleave
     variant: str = "symmetric"  # symmetric | diagonal
     noise_db: float | None = None  # zero-sum noise at this SNR; None: no noise
     seed: int = 0
@@ -292,15 +296,42 @@ class CloneConfig:
     def continues_data(self) -> bool:
         return (self.data or ("continue" if self.optimizer == "carry" else "restart")) == "continue"
 
+    @property
+    def active(self) -> bool:
+        """The run starts from a grown copy of `init_from` (wider, deeper or both)."""
+        return bool(self.factor or self.grow_layers)
+
     def validate(self) -> None:
-        if self.factor and not self.init_from:
-            raise ConfigError("clone.factor (--hyperclone) needs clone.init_from (--init-from)")
-        if self.factor == 0:
+        if self.active and not self.init_from:
+            raise ConfigError("clone.factor (--hyperclone) and clone.grow_layers (--grow-layers) need clone.init_from "
+                              "(--init-from)")
+        if self.grow_layers < 0:
+            raise ConfigError(f"clone.grow_layers (--grow-layers) = {self.grow_layers}: expected the target number of "
+                              "layers, or 0 to keep the depth")
+        if not self.active:
             return
-        if self.factor < 2:
-            raise ConfigError(f"clone.factor (--hyperclone) = {self.factor}: expected an integer >= 2")
+        if self.factor < 0 or (self.factor == 0 and not self.grow_layers):
+            raise ConfigError(f"clone.factor (--hyperclone) = {self.factor}: expected an integer >= 1")
+        n = self.factor or 1
         if self.ffn_factor is not None and self.ffn_factor < 1:
             raise ConfigError(f"clone.ffn_factor (--hyperclone-ffn) = {self.ffn_factor}: expected an integer >= 1")
+        if self.groups_factor is not None and (self.groups_factor < 1 or n % self.groups_factor):
+            raise ConfigError(f"clone.groups_factor (--hyperclone-groups) = {self.groups_factor}: expected a divisor "
+                              f"of clone.factor (--hyperclone) = {n}")
+        if n == 1 and (self.ffn_factor or 1) == 1 and not self.grow_layers:
+            raise ConfigError("clone.factor (--hyperclone) = 1 keeps the width: give clone.ffn_factor "
+                              "(--hyperclone-ffn M >= 2) or clone.grow_layers (--grow-layers N), or nothing grows")
+        if self.grow_method not in GROW_METHODS:
+            raise ConfigError(f"clone.grow_method (--grow-method) = {self.grow_method!r}: expected one of "
+                              f"{GROW_METHODS}")
+        if self.grow_method != "zero" and not self.grow_layers:
+            raise ConfigError(f"clone.grow_method (--grow-method) = {self.grow_method!r} needs clone.grow_layers "
+                              "(--grow-layers L): the depth is kept")
+        if self.optimizer == "carry" and self.groups_factor not in (None, n):
+            raise ConfigError(f"clone.optimizer (--hyperclone-optimizer) = 'carry' with clone.groups_factor "
+                              f"(--hyperclone-groups) = {self.groups_factor} < {n}: the k and v rows of a query group "
+                              f"then have {self.groups_factor} copies and its q rows {n}, so Adam's eps would need two "
+                              "values inside one tensor; use the fresh optimizer")
         if self.variant not in ("symmetric", "diagonal"):
             raise ConfigError(f"clone.variant={self.variant!r}: expected 'symmetric' or 'diagonal'")
         if self.optimizer not in ("fresh", "carry"):
@@ -407,8 +438,34 @@ def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunCo
     return RunConfig(**built, run_dir=_coerce(values.get("run_dir", "runs/default"), str, f"{where}: run_dir"))
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
+    """A YAML syntax error as `where:LINE:COLUMN: problem` (1-based, like an editor's)."""
+    mark = getattr(e, "problem_mark", None)
+    at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return ConfigError(f"{where}{at}: YAML syntax error: {problem}" + (f" ({context})" if context else ""))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (empty file: {}); a syntax error names the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(path), e) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
+
+
+def _parse_value(text: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"--set {item!r}", e) from None
 
 
 def _check_override_key(item: str, parts: list[str]) -> None:
@@ -436,7 +493,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(text)
+        node[parts[-1]] = _parse_value(text, item)
     return values
 
 
@@ -445,13 +502,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     values: dict[str, Any] = {}
     where = "config"
     if path:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        values = read_yaml_mapping(path)
     values = apply_overrides(values, overrides or [])
     try:
         return run_config_from_dict(values, where)

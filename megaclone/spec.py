@@ -42,6 +42,14 @@ def param_name(slot: str, block: int | None = None, bias: bool = False) -> str:
     return f"{prefix}{SLOT_PATHS[slot]}.{'bias' if bias else 'weight'}"
 
 
+def in_block(name: str, block: int) -> str:
+    """The same parameter of another block: ("blocks.5.attn.qkv.weight", 2) -> "blocks.2.attn.qkv.weight"."""
+    prefix, index, rest = (name.split(".", 2) + ["", ""])[:3]
+    if prefix != "blocks" or not index.isdigit() or not rest:
+        raise ValueError(f"{name!r} is not a parameter of a block (expected 'blocks.<i>.<slot path>.weight|bias')")
+    return f"blocks.{block}.{rest}"
+
+
 ROLES = ("embedding", "pos_embedding", "qkv", "attn_out", "mlp_in", "mlp_gate_up", "mlp_out",
          "norm", "final_norm", "lm_head")
 SPLIT_KINDS = ("groups", "ffn", "vocab")

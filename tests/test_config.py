@@ -26,6 +26,21 @@ def test_missing_file_named(tmp_path) -> None:
         load_run_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("text, where", [
+    ("model:\n  hidden_size: 64\n   num_layers: 2\n", ":3:14: YAML syntax error: mapping values are not allowed here"),
+    ("model: {hidden_size: 64\n", ":2:1: YAML syntax error: expected ',' or '}', but got '<stream end>'"),
+    ("model:\n\thidden_size: 64\n", ":2:1: YAML syntax error: found character '\\t' that cannot start any token"),
+])
+def test_yaml_syntax_error_names_file_line_column(tmp_path, text: str, where: str) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_run_config(path)
+    assert str(e.value).startswith(f"{path}{where}")
+    with pytest.raises(ConfigError, match=r"--set 'train.lr=\[3e-4':1:6: YAML syntax error: expected ',' or ']'"):
+        load_run_config(None, ["train.lr=[3e-4"])
+
+
 def test_overrides_apply_and_validate() -> None:
     cfg = load_run_config(None, ["model.hidden_size=64", "model.num_heads=4", "train.lr=3e-4"])
     assert cfg.model.hidden_size == 64 and cfg.model.head_size == 16 and cfg.train.lr == 3e-4

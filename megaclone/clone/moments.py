@@ -19,6 +19,12 @@ and Adam's moments carry over as m' = (m o pi) / p, v' = (v o pi) / p**2. Each r
 
 `copies` c is how many wide elements copy each small element (the product of the axis factors), so
 ||grad'||^2 = c / p^2 * ||grad||^2: the weight that turns a wide gradient norm into the small one's.
+
+Depth growth: the grown model at the source width is an ordinary model whose optimizer state is the source's
+for every copied tensor (a target block carries its source block's moments) and zero for the zeroed output
+projections of inserted blocks; the rules above then widen that state. Exact continuation cannot hold for an
+inserted block: at step 0 its zeroed projections get a nonzero gradient at once, with no history behind it.
+A groups factor g < n is refused: a qkv weight's k and v rows would have p = g, its q rows p = n.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megaclone.clone.plan import Index, axis_maps, clone_factors
-from megaclone.clone.rules import LINEAR_ROLES, Reader, _check_against_small, gather_small
+from megaclone.clone.plan import Index, axis_maps, groups_factor
+from megaclone.clone.rules import LINEAR_ROLES, Reader, gather_small, plan_tensor
 from megaclone.config import CloneConfig, ModelConfig
 from megaclone.spec import ParamSpec, normalize_index
 
@@ -76,9 +82,13 @@ def clone_moment(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneC
     """
     if kind not in MOMENT_KINDS:
         raise ValueError(f"{wide_spec.name}: moment kind {kind!r}: expected one of {MOMENT_KINDS}")
-    n, m = clone_factors(clone_cfg)
-    _check_against_small(wide_spec, small_cfg, n, m)
+    plan = plan_tensor(wide_spec, small_cfg, clone_cfg)
+    if groups_factor(clone_cfg) != plan.n:
+        raise ValueError(f"{wide_spec.name}: Adam's moments cannot be carried with --hyperclone-groups "
+                         f"{groups_factor(clone_cfg)} < --hyperclone {plan.n} (k, v and q rows scale differently)")
     ranges = normalize_index(wide_spec.shape, index, wide_spec.name)
+    if plan.source is None:  # a zeroed projection of an inserted block starts without history
+        return torch.zeros([stop - start for start, stop in ranges])
     wide_idx = [torch.arange(start, stop) for start, stop in ranges]
-    p = carry_factors(wide_spec, small_cfg, n, m).grad_scale
-    return gather_small(wide_spec.name, axis_maps(wide_spec, n, m), wide_idx, read, p if kind == "exp_avg" else p * p)
+    p = carry_factors(wide_spec, small_cfg, plan.n, plan.m).grad_scale
+    return gather_small(plan.source, plan.maps, wide_idx, read, p if kind == "exp_avg" else p * p)

@@ -92,3 +92,10 @@ def global_named_parameters(module: nn.Module, cfg: ModelConfig) -> dict[str, nn
     if hasattr(module, "forward_funcs"):  # a PipelineModule
         return {pipeline_to_global_name(cfg, n): p for n, p in module.named_parameters()}
     return dict(module.named_parameters())
+
+
+def block_modules(module: nn.Module) -> dict[int, nn.Module]:
+    """This rank's transformer blocks by global block index, for a `GPT` or a pipeline stage alike."""
+    if hasattr(module, "forward_funcs"):  # a PipelineModule: its layers are children named by pipeline layer
+        return {int(name) - 1: child for name, child in module.named_children() if isinstance(child, TransformerBlock)}
+    return dict(enumerate(module.blocks))

@@ -7,6 +7,8 @@ launch-time HyperCloning. `launch/pretrain.py` calls `megaclone.train.run.main`.
     engine, optim  GPT or pipeline module, AdamW groups, schedule, deepspeed.initialize, fp32 masters
     loop           train step, evaluation, logging, periodic checkpoints
     checkpointing  save / exact resume in the megaclone checkpoint format
+    integrity      every file's sha256: hashed in parallel at save, verified in parallel before a resume
+    safe_load      DeepSpeed's state files loaded with weights_only=True (its own types allowed by name)
     cloning        widened per-rank slices, preservation check, symmetry monitor
     report         a widening's summary and held-out loss plot, from the two runs' metrics
 """

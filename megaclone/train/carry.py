@@ -10,6 +10,10 @@ optimizer state")
     weight decay   wd * s        so that lr * wd, the decoupled decay per step, is kept
     clipping       on sqrt(sum_g w_g ||grad_g||^2), w = p^2 / c: the norm the small model would see
 
+Depth growth: the moments of a copied block are its source block's (widened as above), those of the zeroed
+output projections of an inserted block start at zero (megaclone.clone.moments); the groups and the clipping
+weights are those of the width factors, for every block.
+
 Parameters with equal (decay, s, p, c) share one AdamW group, so every multiplier is a group setting. After
 the widening an optional transition moves each group to the run's own values over `lr_transition` steps,
 geometrically: multiplier(t) = multiplier^(1 - t), t = (step - clone step) / lr_transition clamped to [0, 1].
@@ -43,7 +47,7 @@ import torch
 from torch import nn
 
 from megaclone.checkpoint import Manifest
-from megaclone.clone import CarryFactors, carry_factors, clone_factors, widen_model_config
+from megaclone.clone import CarryFactors, carry_factors, clone_factors, describe_growth, grown_model_config
 from megaclone.config import CloneConfig, ConfigError, ModelConfig, RunConfig, TrainConfig, model_config_from_dict
 from megaclone.spec import spec_table
 from megaclone.train.optim import adamw, build_param_groups, lr_factor
@@ -81,7 +85,7 @@ def check_carry_plan(cfg: RunConfig, source: Manifest, path: Path) -> None:
 def parameter_factors(names: Iterable[str], small_cfg: ModelConfig, clone_cfg: CloneConfig) -> dict[str, CarryFactors]:
     """Global name -> (s, p, c) of every named widened parameter."""
     n, m = clone_factors(clone_cfg)
-    specs = spec_table(widen_model_config(small_cfg, n, m))
+    specs = spec_table(grown_model_config(small_cfg, clone_cfg))
     return {name: carry_factors(specs[name], small_cfg, n, m) for name in names}
 
 
@@ -96,7 +100,7 @@ def build_carry_param_groups(params: dict[str, nn.Parameter], small_cfg: ModelCo
     factors = parameter_factors(params, small_cfg, clone_cfg)
     names = {id(p): name for name, p in params.items()}
     keyed: dict[tuple, list[nn.Parameter]] = {}
-    for base in build_param_groups(params, widen_model_config(small_cfg, *clone_factors(clone_cfg)), train):
+    for base in build_param_groups(params, grown_model_config(small_cfg, clone_cfg), train):
         for param in base["params"]:
             f = factors[names[id(param)]]
             key = (f.value_scale, f.grad_scale, f.copies, base["name"], base["weight_decay"])
@@ -280,7 +284,8 @@ def carry_resume_settings(manifest: Manifest, path: Path, cfg: RunConfig) -> Car
     try:
         transition = record.get("lr_transition")
         clone = CloneConfig(init_from=str(record["source"]), factor=int(record["factor"]),
-                            ffn_factor=int(record["ffn_factor"]), optimizer="carry",
+                            ffn_factor=int(record["ffn_factor"]), grow_layers=int(record.get("grow_layers", 0)),
+                            grow_method=record.get("grow_method", "zero"), optimizer="carry",
                             lr_transition=None if transition is None else int(transition),
                             schedule=record.get("schedule", "continue"))
         clone.validate()
@@ -291,10 +296,10 @@ def carry_resume_settings(manifest: Manifest, path: Path, cfg: RunConfig) -> Car
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{where} is incomplete or malformed ({type(e).__name__}: {e})") from e
     quiet = {"dropout": 0.0, "attention_dropout": 0.0}  # training-only options may differ
-    wide = widen_model_config(small, *clone_factors(clone))
+    wide = grown_model_config(small, clone)
     if dataclasses.replace(wide, **quiet) != dataclasses.replace(manifest.model, **quiet):
-        raise ConfigError(f"{where}: its source_model widened x{clone.factor} (ffn x{clone.ffn_factor}) is not the "
-                          "checkpoint's model")
+        raise ConfigError(f"{where}: its source_model grown {describe_growth(small, clone)} is not the checkpoint's "
+                          "model")
     check_carry_supported(cfg, f"{where}: resuming it")
     return CarrySettings(small, clone, clone_step, start_lr)
 

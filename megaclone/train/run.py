@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 
 from megaclone import cluster
-from megaclone.checkpoint import ShardReader
+from megaclone.checkpoint import CheckpointError, ShardReader
 from megaclone.data import DistributedBatchSampler
 from megaclone.parallel import Layout, TPRNGTracker, build_layout
 from megaclone.train.carry import build_carry_engine, start_carried_run
@@ -32,17 +32,21 @@ from megaclone.train.checkpointing import (
     load_rank_weights,
     resume_training_checkpoint,
     save_training_checkpoint,
+    verify_resume_checkpoint,
 )
 from megaclone.train.cli import RunPlan, build_plan, parse_args
 from megaclone.train.cloning import (
     build_rank_clone,
     check_preservation,
     continue_data_position,
+    depth_monitor,
+    describe_preservation,
     inject_fp32_masters,
     symmetry_monitor,
 )
 from megaclone.train.dataset import eval_batches, open_data, prepare_data_on_rank0
 from megaclone.train.engine import build_engine, build_model, device_for
+from megaclone.train.integrity import ResumeRefused
 from megaclone.train.logging import MetricsLogger, quiet_libraries, setup_console_logging
 from megaclone.train.loop import TrainContext, run_eval, train
 from megaclone.train.settings import describe_sources, settings_record
@@ -82,8 +86,12 @@ def describe_start(plan: RunPlan) -> str:
     exactly or through the layout-free path."""
     cfg = plan.cfg
     if plan.clone is not None:
-        return (f"start: the x{cfg.clone.factor} HyperCloning widening of {plan.clone.path} (step "
-                f"{plan.clone.manifest.step}), {cfg.clone.optimizer} optimizer, training after step {plan.start_step}")
+        c = cfg.clone
+        growth = ([f"x{c.factor or 1} HyperCloning widening (FFN x{c.ffn_factor or c.factor or 1})"]
+                  if max(c.factor, c.ffn_factor or 1) > 1 else []) + \
+            ([f"growth to {c.grow_layers} layers ({c.grow_method})"] if c.grow_layers else [])
+        return (f"start: the {' and '.join(growth)} of {plan.clone.path} (step {plan.clone.manifest.step}), "
+                f"{c.optimizer} optimizer, training after step {plan.start_step}")
     if plan.resume is None:
         return f"start: random initialisation (seed {cfg.train.seed})"
     where = f"{plan.resume_path} (step {plan.resume.step})"
@@ -150,6 +158,8 @@ def run(plan: RunPlan) -> float | None:
     for line in describe_sources(plan.sources, cfg):
         log.info(line)
     log.info(describe_start(plan))
+    if plan.resume is not None:  # every file of the step, checked before anything is loaded or written
+        verify_resume_checkpoint(plan.resume_path, plan.resume, cfg, layout, placement)
     device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
     tracker = _seed(cfg.train.seed, layout, device)
 
@@ -179,8 +189,10 @@ def run(plan: RunPlan) -> float | None:
         if plan.clone is not None:  # function preservation, then the baseline the cloned run starts from
             stats = check_preservation(engine, layout, plan.clone, eval_set[0], cfg.train.precision)
             logger.event("clone", start_step, **stats, **plan.clone.provenance()["hyperclone"])
-            logger.info("hyperclone: " + " ".join(f"{k}={v:.6g}" for k, v in stats.items()))
+            logger.info(describe_preservation(plan.clone, stats))
             ctx.monitors.append(symmetry_monitor(engine, module, layout, plan.clone))
+            if plan.clone.depth.grown:
+                ctx.monitors.append(depth_monitor(module, layout, plan.clone))
             run_eval(ctx, start_step)
         final = train(ctx)
         if save is not None and start_step == cfg.train.train_iters == 0:  # e.g. a widened checkpoint at step 0
@@ -221,6 +233,15 @@ def parse_args_on_rank0(argv: list[str] | None, rank: int) -> argparse.Namespace
         raise
 
 
+def _exit_refused(error: CheckpointError, rank: int) -> NoReturn:
+    """A checkpoint refused once the process group exists: say why and leave at once, with the usage status.
+    `os._exit`: a peer may still wait in a collective that a normal exit's teardown would block on."""
+    if rank == 0 or not isinstance(error, ResumeRefused):  # every rank raises the same ResumeRefused
+        print(f"pretrain.py: error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(cluster.EXIT_USAGE)
+
+
 def main(argv: list[str] | None = None) -> int:
     rank = _launch_rank()
     args = parse_args_on_rank0(argv, rank)
@@ -236,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with cluster.exit_on_peer_failure(env, plan.cfg.checkpoint.save):  # a lost peer: a message and exit 75
         init_distributed(env)
-        run(plan)
+        try:
+            run(plan)
+        except CheckpointError as e:
+            _exit_refused(e, env.rank)
         # Only after success (a failed rank's peers may be inside a collective, and a destroy could block on them),
         # and together: a rank that tears gloo down while a peer's last collective is still in flight can abort
         # at exit ("terminate called without an active exception") after a complete run.

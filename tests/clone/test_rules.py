@@ -32,12 +32,13 @@ def test_widen_model_config() -> None:
     assert widen_model_config(cfg, 2, 1).ffn_size == cfg.ffn_size
 
 
-@pytest.mark.parametrize("n,m,flag", [(1, None, "--hyperclone="), (0, None, "--hyperclone="),
-                                      (2.0, None, "--hyperclone="), (True, None, "--hyperclone="),
-                                      (2, 0, "--hyperclone-ffn="), (2, 1.5, "--hyperclone-ffn=")])
-def test_bad_factors_raise(n, m, flag: str) -> None:
+@pytest.mark.parametrize("n,m,g,flag", [(0, None, None, "--hyperclone="), (2.0, None, None, "--hyperclone="),
+                                        (True, None, None, "--hyperclone="), (2, 0, None, "--hyperclone-ffn="),
+                                        (2, 1.5, None, "--hyperclone-ffn="), (2, None, 0, "--hyperclone-groups="),
+                                        (4, None, 3, "--hyperclone-groups=3 must divide --hyperclone=4")])
+def test_bad_factors_raise(n, m, g, flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
-        widen_model_config(small_config("mha-gelu-ln-rope-bias-tied"), n, m)
+        widen_model_config(small_config("mha-gelu-ln-rope-bias-tied"), n, m, g)
 
 
 @pytest.mark.parametrize("variant", ["symmetric", "diagonal"])

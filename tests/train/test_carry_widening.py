@@ -40,13 +40,7 @@ TRAIN = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_iters=3, train_iters=30, weight
 K, MORE = 6, 20  # small steps before the widening, steps after it
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only contend (tens of times slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(cfg: ModelConfig, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
