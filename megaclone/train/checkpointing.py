@@ -207,8 +207,11 @@ def model_mismatch(saved: ModelConfig, current: ModelConfig) -> list[str]:
 
 def check_save_root(cfg: RunConfig, start_step: int) -> None:
     """Refuse, before any work, a --save root that holds another model's checkpoints, or a step directory this run
-    would write over (checkpoint.overwrite allows both). Resuming into the root it was loaded from writes only later
-    steps, so it passes; `start_step` is the step training continues after."""
+    would write over (checkpoint.overwrite allows both); `start_step` is the step training continues after.
+
+    Resuming into the root it was loaded from writes only later steps, so it passes. With `--load ROOT --save ROOT`
+    (a restartable job) a step directory later than `latest` is what a crash left between its rename and the move
+    of `latest` (which moves last): not a checkpoint anyone resumed from, so this run may replace it."""
     root = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
     if root is None or cfg.checkpoint.overwrite or not root.is_dir():
         return
@@ -228,7 +231,8 @@ def check_save_root(cfg: RunConfig, start_step: int) -> None:
         return (start_step < step <= total and (step == total or (every > 0 and step % every == 0))) \
             or step == start_step == total == 0
 
-    clash = [path for step, path in existing if saves(step)]
+    resumes_latest = bool(cfg.checkpoint.load) and Path(cfg.checkpoint.load).absolute() == root.absolute()
+    clash = [path for step, path in existing if saves(step) and not (resumes_latest and step > start_step)]
     if clash:
         raise CheckpointError(f"--save {root}: {clash[0]} exists, and this run would write over it. Save elsewhere, "
                               f"resume from it with --load, or give --overwrite to replace it")

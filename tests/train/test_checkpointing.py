@@ -70,3 +70,15 @@ def test_resuming_into_the_same_root_writes_only_later_steps(tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match="step_00000020 exists"):  # from step 10 again: step 20 would be replaced
         plan(["--load", str(root / "step_00000010"), "--save", str(root), "--train-iters", "40", "--set",
               "checkpoint.save_interval=10"], tmp_path)
+
+
+def test_a_restartable_job_replaces_what_a_crash_left_after_latest(tmp_path: Path) -> None:
+    """`--load ROOT --save ROOT`: a step directory later than `latest` was never committed (latest moves last)."""
+    root = tmp_path / "ckpt"
+    _save(root, TINY_MODEL, step=10, resumable=True)
+    _save(root, TINY_MODEL, step=20, resumable=True)
+    (root / "latest").write_text("step_00000010\n")  # a crash between step 20's rename and the move of latest
+    argv = ["--save", str(root), "--train-iters", "40", "--set", "checkpoint.save_interval=10"]
+    assert plan(["--load", str(root), *argv], tmp_path).start_step == 10
+    with pytest.raises(CheckpointError, match="step_00000020 exists"):  # an explicit step: the user's choice
+        plan(["--load", str(root / "step_00000010"), *argv], tmp_path)
