@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """A user's configuration mistake: names the key (and file) and the constraint."""
 
 
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # real vocabulary; 0 means "take it from the tokenizer"
@@ -31,8 +34,10 @@ class ModelConfig:
     num_heads: int = 4
     num_query_groups: int | None = None  # None: MHA (= num_heads); 1: MQA
     head_size: int | None = None  # None: hidden_size // num_heads
-    ffn_size: int | None = None  # None: 4 * hidden (gelu) or 8/3 * hidden rounded to 64 (swiglu)
-    activation: str = "gelu"  # gelu (tanh approximation, GPT-2's gelu_new) | gelu_exact (erf) | swiglu
+    ffn_size: int | None = None  # None: 4 * hidden, or 8/3 * hidden rounded to 64 when gated
+    # gelu (tanh approximation, GPT-2's gelu_new) | gelu_exact (erf) | relu | swiglu (silu(gate) * up)
+    # | geglu (tanh-gelu(gate) * up, Gemma)
+    activation: str = "gelu"
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     position: str = "rope"  # rope | learned
@@ -52,6 +57,17 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max_seq_len: int = 8192  # llama3: the context length of the original pretraining
+    # Options of OPT, OLMo (1 and 2) and Gemma (docs/hf.md); the defaults are again the original architecture.
+    # pre: x + f(norm(x)) | post: norm(x + f(x)) (OPT-350m) | branch: x + norm(f(x)), the norm on the output (OLMo-2)
+    norm_placement: str = "pre"
+    final_norm: bool = True  # a norm before the LM head (OPT's post-norm models have none)
+    norm_affine: bool = True  # False: norms without weight or bias (OLMo's LayerNorm)
+    norm_unit_offset: bool = False  # the gain is 1 + weight, so weight 0 is the identity (Gemma's RMSNorm)
+    qk_norm: bool = False  # norm q and k over all heads (the whole projection output) before rope (OLMo-2)
+    scale_embeddings: bool = False  # token embeddings times sqrt(hidden_size) (Gemma)
+    position_offset: int = 0  # learned positions: position p reads row p + offset (OPT: 2)
+    embed_size: int | None = None  # token embedding width; None: hidden_size. Otherwise project_in and
+    # project_out (no bias) map it to and from the hidden size (OPT's word_embed_proj_dim)
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -64,15 +80,16 @@ class ModelConfig:
                 )
             self.head_size = self.hidden_size // self.num_heads
         if self.ffn_size is None:
-            if self.activation == "swiglu":
+            if self.activation in GATED_ACTIVATIONS:
                 self.ffn_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
             else:
                 self.ffn_size = 4 * self.hidden_size
         self.validate()
 
     def validate(self) -> None:
-        choices = {"activation": ("gelu", "gelu_exact", "swiglu"), "norm": ("layernorm", "rmsnorm"),
-                   "position": ("rope", "learned"), "rope_scaling": ("none", "linear", "llama3")}
+        choices = {"activation": ("gelu", "gelu_exact", "relu", *GATED_ACTIVATIONS), "norm": ("layernorm", "rmsnorm"),
+                   "position": ("rope", "learned"), "rope_scaling": ("none", "linear", "llama3"),
+                   "norm_placement": ("pre", "post", "branch")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}: expected one of {allowed}")
@@ -93,6 +110,20 @@ class ModelConfig:
         for key in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
+        self._validate_family_options()
+
+    def _validate_family_options(self) -> None:
+        if self.embed_size is not None and self.embed_size <= 0:
+            raise ConfigError(f"model.embed_size={self.embed_size} must be a positive integer (or unset: hidden_size)")
+        if self.parallel_residual and self.norm_placement != "pre":
+            raise ConfigError(f"model.parallel_residual=True needs model.norm_placement='pre', got "
+                              f"{self.norm_placement!r}")
+        if self.norm_unit_offset and not self.norm_affine:
+            raise ConfigError("model.norm_unit_offset=True needs model.norm_affine=True (a gain 1 + weight needs the "
+                              "weight)")
+        if self.position_offset < 0 or (self.position_offset and self.position != "learned"):
+            raise ConfigError(f"model.position_offset={self.position_offset} must be >= 0, and non-zero only with "
+                              f"model.position='learned' (got {self.position!r})")
 
     def _validate_rope(self) -> None:
         if self.position != "rope":
@@ -123,6 +154,21 @@ class ModelConfig:
     def rope_size(self) -> int:
         """Leading dims of each head that rotary embeddings rotate (the rest pass through)."""
         return int(self.head_size * self.rope_fraction)
+
+    @property
+    def gated(self) -> bool:
+        """A gated MLP: act(gate) * up, with the fused gate/up weight."""
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of the token embedding (and of the tied or untied unembedding)."""
+        return self.hidden_size if self.embed_size is None else self.embed_size
+
+    @property
+    def has_projections(self) -> bool:
+        """project_in / project_out exist: the token embedding is narrower or wider than the hidden size."""
+        return self.embedding_size != self.hidden_size
 
     @property
     def has_qkv_bias(self) -> bool:

@@ -145,7 +145,7 @@ def compare_logits(small: torch.nn.Module, large: torch.nn.Module, tokens: torch
 def similarity_table(large: torch.nn.Module, cfg: ModelConfig, n: int, m: int, g: int | None = None) -> list[str]:
     params = dict(large.named_parameters())
     specs = {(s.layer, s.role): s for s in build_param_specs(cfg) if not s.is_bias}
-    columns = [r for r in MONITORED if r != ("mlp_in" if cfg.activation == "swiglu" else "mlp_gate_up")]
+    columns = [r for r in MONITORED if r != ("mlp_in" if cfg.gated else "mlp_gate_up")]
     lines = ["layer  " + "  ".join(f"{c:>11s}" for c in columns)]
     for layer in range(1, cfg.num_layers + 1):
         cells = []

@@ -6,7 +6,7 @@ depth growth from the source block its target block copies (docs/design.md, "Dep
 """
 
 from megaclone.clone.depth import ZEROED_ROLES, DepthPlan, deepen_model_config, depth_plan, plan_depth
-from megaclone.clone.moments import MOMENT_KINDS, CarryFactors, carry_factors, clone_moment
+from megaclone.clone.moments import MOMENT_KINDS, CarryFactors, carry_factors, check_carry_possible, clone_moment
 from megaclone.clone.monitor import copy_similarity
 from megaclone.clone.noise import NOISE_ROLES
 from megaclone.clone.plan import (
@@ -16,9 +16,11 @@ from megaclone.clone.plan import (
     axis_factor,
     axis_maps,
     clone_factors,
+    embedding_divisor,
     groups_factor,
     grown_model_config,
     small_read_ranges,
+    tied_fold,
     widen_model_config,
 )
 from megaclone.clone.rules import LINEAR_ROLES, Reader, clone_tensor
@@ -26,6 +28,7 @@ from megaclone.clone.shard import build_clone_shard, clone_checkpoint, describe_
 
 __all__ = ["LINEAR_ROLES", "MOMENT_KINDS", "NOISE_ROLES", "VARIANTS", "ZEROED_ROLES", "AxisMap", "CarryFactors",
            "DepthPlan", "GroupRowsMap", "Reader", "axis_factor", "axis_maps", "build_clone_shard", "carry_factors",
-           "clone_checkpoint", "clone_factors", "clone_moment", "clone_tensor", "copy_similarity",
-           "deepen_model_config", "depth_plan", "describe_growth", "growth_record", "groups_factor",
-           "grown_model_config", "plan_depth", "small_read_ranges", "widen_model_config"]
+           "check_carry_possible", "clone_checkpoint", "clone_factors", "clone_moment", "clone_tensor",
+           "copy_similarity", "deepen_model_config", "depth_plan", "describe_growth", "embedding_divisor",
+           "growth_record", "groups_factor", "grown_model_config", "plan_depth", "small_read_ranges", "tied_fold",
+           "widen_model_config"]

@@ -93,13 +93,12 @@ def zero_block_refusal(cfg: ModelConfig) -> str | None:
 
     Pre-norm blocks (sequential or parallel residual) return x when both branches return 0. A post-norm block,
     y = norm(x + F(x)), returns norm(x), which is not x. A block with the norm on the branch output,
-    y = x + norm(F(x)), returns x + norm(0): x for RMSNorm (0 / sqrt(eps) = 0), x + beta for an affine LayerNorm.
-    `model.norm_placement` is read with its default ('pre') so that configs without the option are pre-norm.
+    y = x + norm(F(x)), returns x + norm(0): x for RMSNorm (0 / sqrt(eps) = 0, whatever its gain, 1 + w included)
+    and for a LayerNorm without parameters, x + beta for an affine LayerNorm.
     """
-    placement = getattr(cfg, "norm_placement", "pre")
-    if placement == "post":
+    if cfg.norm_placement == "post":
         return "model.norm_placement='post': a post-norm block with zero branches returns norm(x), not x"
-    if placement == "branch" and cfg.norm == "layernorm" and getattr(cfg, "norm_affine", True):
+    if cfg.norm_placement == "branch" and cfg.norm == "layernorm" and cfg.norm_affine:
         return ("model.norm_placement='branch' with an affine LayerNorm: a zero branch output is normed to its bias, "
                 "so the block adds beta to the stream")
     return None

@@ -12,20 +12,25 @@ default n; g divides n). With g < n each new group g' copies small group g' // g
 its query heads, copy-major: its qkv unit is [r x (the small group's q rows), k, v] (`GroupRowsMap`), and its
 attention-output columns are r copies of the small group's columns, so they are n adjacent copies of each
 small group's column block (a plain AxisMap with the small unit). Wide head j' of a group computes small head
-j' % (heads per group) with the group's copied k and v: the attention pattern of the small head.
+j' % (heads per group) with the group's copied k and v: the attention pattern of the small head. QK-norm over all
+heads follows: q_norm has the attention output's map (n copies of every small q element, so the norm over the
+n H hd q rows sees n copies of each small row: the same statistics), k_norm the plain map with factor g (g copies
+of each k row among the g G hd).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from megaclone.clone.depth import deepen_model_config
 from megaclone.config import CloneConfig, ModelConfig
-from megaclone.spec import Axis, ParamSpec, normalize_index
+from megaclone.spec import Axis, ParamSpec, normalize_index, param_name
 
 VARIANTS = ("symmetric", "diagonal")
 Index = tuple[slice, ...]
@@ -46,17 +51,45 @@ def _check_groups(n: int, g: int | None) -> int:
 
 
 def widen_model_config(cfg: ModelConfig, n: int, m: int | None = None, g: int | None = None) -> ModelConfig:
-    """The config of the n-times wider clone: hidden and heads times n, FFN times m and groups times g (default n).
+    """The config of the n-times wider clone: hidden, heads (and a separate embedding width) times n, FFN times m
+    and groups times g (both default n).
 
-    The head size is kept, so the softmax scale and RoPE do not change; vocabulary, layers, norm and
-    positions are unchanged.
+    The head size is kept, so the softmax scale and RoPE do not change; vocabulary, layers, norms and
+    positions are unchanged. A tied model with nowhere to fold the unembedding's 1/n (`tied_fold`) is untied.
     """
     n = _check_factor(n, "--hyperclone", 1)
     m = n if m is None else _check_factor(m, "--hyperclone-ffn", 1)
     g = _check_groups(n, g)
+    tied = cfg.tied_embeddings and (n == 1 or tied_fold(cfg) != "lm_head")  # n = 1: nothing to fold
+    if cfg.tied_embeddings and not tied:
+        warnings.warn("the clone unties the embeddings: the model has no parametric final norm and no project_out "
+                      "to fold the tied unembedding's 1/n into, so the wide model gets its own lm_head (E o pi) / n",
+                      stacklevel=2)
     return dataclasses.replace(cfg, hidden_size=n * cfg.hidden_size, num_heads=n * cfg.num_heads,
                                num_query_groups=g * cfg.num_query_groups, head_size=cfg.head_size,
-                               ffn_size=m * cfg.ffn_size)
+                               ffn_size=m * cfg.ffn_size, tied_embeddings=tied,
+                               embed_size=None if cfg.embed_size is None else n * cfg.embed_size)
+
+
+def tied_fold(cfg: ModelConfig) -> str | None:
+    """The role whose clone takes the tied unembedding's rescale (docs/design.md, "Model options of imported families").
+
+    A tied E' serves both ends: the input needs E' = (E o pi) / a (a = `embedding_divisor`), the output then sums
+    n copies and gives n / a times the logits. The last map before the unembedding divides by c = n / a instead:
+    project_out when the model has it, else the final norm's gain and bias; with neither (OLMo's norm has no
+    parameters) the clone is untied and "lm_head" is built from the embedding. None for an untied model.
+    """
+    if not cfg.tied_embeddings:
+        return None
+    if cfg.has_projections:
+        return "project_out"
+    return "final_norm" if cfg.final_norm and cfg.norm_affine else "lm_head"
+
+
+def embedding_divisor(cfg: ModelConfig, n: int) -> float:
+    """a: the widened token embedding is (E o pi) / a. Gemma scales it by sqrt(hidden), which grows by sqrt(n), so
+    a = sqrt(n) keeps the block input a clone (exactly 1 for n = 1); 1 otherwise."""
+    return math.sqrt(n) if cfg.scale_embeddings else 1
 
 
 def clone_factors(clone_cfg: CloneConfig) -> tuple[int, int]:
@@ -92,7 +125,7 @@ def grown_model_config(small_cfg: ModelConfig, clone_cfg: CloneConfig) -> ModelC
 
 def axis_factor(axis: Axis, n: int, m: int, g: int | None = None) -> int:
     """How many copies of each small unit (whole wide units) the axis holds after widening."""
-    return {"hidden": n, "groups": n if g is None else g, "ffn": m, "vocab": 1, "seq": 1}[axis.kind]
+    return {"hidden": n, "embed": n, "groups": n if g is None else g, "ffn": m, "vocab": 1, "seq": 1}[axis.kind]
 
 
 @dataclass(frozen=True)
@@ -159,8 +192,10 @@ def axis_map(wide_spec: ParamSpec, dim: int, n: int, m: int, g: int | None = Non
     if axis.kind != "groups" or g == n:
         return AxisMap(axis_factor(axis, n, m, g), axis.unit_size)
     r = n // g
-    if wide_spec.role == "attn_out":  # columns: n adjacent copies of each small group's block
-        return AxisMap(n, axis.unit_size // r)
+    if wide_spec.role == "attn_out" or wide_spec.name == param_name("q_norm", wide_spec.layer - 1, wide_spec.is_bias):
+        return AxisMap(n, axis.unit_size // r)  # a group's query heads: n adjacent copies of each small group's block
+    if wide_spec.role == "qk_norm":  # k_norm: a group's one k head, g copies
+        return AxisMap(g, axis.unit_size)
     if head_size <= 0:
         raise ValueError(f"{wide_spec.name}: the qkv rows of a groups factor {g} < {n} need the head size")
     return GroupRowsMap(g, axis.unit_size, q_size=(axis.unit_size - 2 * head_size) // r, repeats=r)

@@ -35,7 +35,7 @@ from megaclone.checkpoint import (
     weight_file,
 )
 from megaclone.checkpoint.io import check_output_dir
-from megaclone.clone import clone_factors, describe_growth, groups_factor, grown_model_config
+from megaclone.clone import check_carry_possible, clone_factors, describe_growth, groups_factor, grown_model_config
 from megaclone.config import CloneConfig, ConfigError, ModelConfig, ParallelConfig
 from megaclone.convert.carry import check_carry_source, optim_file_job
 from megaclone.convert.writer import planned_file_bytes
@@ -334,4 +334,9 @@ def plan_conversion(options: ConvertOptions) -> ConversionPlan:
         verify_source_checksums(reader, max(options.workers, os.cpu_count() or 1))
     if options.optimizer == "carry":
         check_carry_source(source, manifest)
+        if clone is not None:
+            try:
+                check_carry_possible(src_cfg, clone)
+            except ValueError as e:
+                raise ConvertError(f"--optimizer carry: {e}") from e
     return plan

@@ -47,7 +47,14 @@ import torch
 from torch import nn
 
 from megaclone.checkpoint import Manifest
-from megaclone.clone import CarryFactors, carry_factors, clone_factors, describe_growth, grown_model_config
+from megaclone.clone import (
+    CarryFactors,
+    carry_factors,
+    check_carry_possible,
+    clone_factors,
+    describe_growth,
+    grown_model_config,
+)
 from megaclone.config import CloneConfig, ConfigError, ModelConfig, RunConfig, TrainConfig, model_config_from_dict
 from megaclone.spec import spec_table
 from megaclone.train.optim import adamw, build_param_groups, lr_factor
@@ -75,6 +82,10 @@ def check_carry_plan(cfg: RunConfig, source: Manifest, path: Path) -> None:
     if source.optimizer is None:
         raise ConfigError(f"--hyperclone-optimizer carry: {path} holds no optimizer state (its manifest has no "
                           "'optimizer' entry and no optim/ files); widen it with the fresh optimizer instead")
+    try:
+        check_carry_possible(source.model, cfg.clone)
+    except ValueError as e:
+        raise ConfigError(f"--hyperclone-optimizer carry from {path}: {e}") from e
     if cfg.clone.schedule == "restart":
         source_lr(source, path)
     if cfg.train.train_iters <= source.step:

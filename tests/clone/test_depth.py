@@ -259,8 +259,7 @@ def test_bad_growth_is_refused_before_writing(tmp_path: Path, clone: dict, tp: i
 def test_zero_needs_blocks_that_a_zero_branch_makes_the_identity(placement: str, norm: str, refused: bool) -> None:
     """Post-norm (and a branch-output LayerNorm with a bias) cannot be preserved by `zero`: refused by name;
     stack and interleave stay allowed."""
-    cfg = small_config("mha-gelu-ln-rope-bias-tied", norm=norm)
-    cfg.norm_placement = placement  # the ModelConfig option of the OPT / OLMo-2 families (megaclone.hf)
+    cfg = small_config("mha-gelu-ln-rope-bias-tied", norm=norm, norm_placement=placement)
     zero, stack = grow_config(1, 1, None, grow=3), grow_config(1, 1, None, "stack", grow=4)
     assert depth_plan(cfg, stack).sources == (0, 1, 0, 1)
     if not refused:

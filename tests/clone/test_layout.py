@@ -11,7 +11,7 @@ import pytest
 from megaclone.clone import build_clone_shard, clone_factors, widen_model_config
 from megaclone.config import CloneConfig, ConfigError, ParallelConfig
 from megaclone.spec import build_param_specs, spec_table, stages_of
-from tests.clone import ARCHS, assemble, bit_equal, dict_reader, random_small_state, small_config
+from tests.clone import ARCHS, FAMILY_ARCHS, assemble, bit_equal, dict_reader, random_small_state, small_config
 
 LAYOUTS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]  # (tp, pp)
 CASES = [  # (n, m, variant, extra small-config keys)
@@ -36,8 +36,9 @@ def build_layout_shards(state, cfg, clone_cfg, tp: int, pp: int, log=None):
             for p in range(pp) for t in range(tp)}
 
 
-@pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.filterwarnings("ignore:the clone unties")
+@pytest.mark.parametrize("arch,case", [(arch, case) for arch in sorted(ARCHS) for case in range(len(CASES))]
+                         + [(arch, case) for arch in sorted(FAMILY_ARCHS) for case in (0, 2)])
 def test_layout_invariance(arch: str, case: int) -> None:
     n, m, variant, extra = CASES[case]
     cfg = small_config(arch, **extra)
@@ -66,7 +67,7 @@ def test_cut_copies_case_is_exercised() -> None:
 
 def expected_small_index(wide_spec, n: int, m: int, tp_rank: int, tp_size: int) -> tuple[tuple[int, int], ...]:
     """Whole small units [first_copy_unit // f, last_copy_unit // f + 1) along the TP axis, all of every other axis."""
-    factors = {"hidden": n, "groups": n, "ffn": m, "vocab": 1, "seq": 1}
+    factors = {"hidden": n, "embed": n, "groups": n, "ffn": m, "vocab": 1, "seq": 1}
     out = []
     for dim, axis in enumerate(wide_spec.axes):
         f, unit = factors[axis.kind], axis.unit_size
@@ -83,7 +84,7 @@ def expected_small_index(wide_spec, n: int, m: int, tp_rank: int, tp_size: int) 
     return tuple(out)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", [*sorted(ARCHS), "opt350-post-relu-proj-tied", "olmo2-branch-qknorm-gqa-untied"])
 @pytest.mark.parametrize("n,m,extra", [(2, 2, {}), (4, 1, {}), (2, 2, {"ffn_size": 18})])
 def test_locality(arch: str, n: int, m: int, extra: dict) -> None:
     cfg = small_config(arch, **extra)
