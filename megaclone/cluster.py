@@ -24,7 +24,7 @@ import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -245,10 +245,10 @@ def init_process_group(env: ClusterEnv) -> None:
 
     export_cluster_env(env)
     timeout = collective_timeout()
+    skip_deepspeed_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
                                timeout=timeout)
     use_timeout_for_new_groups(timeout)
-    release_deepspeed_shm()
 
 
 def use_timeout_for_new_groups(timeout: timedelta) -> None:
@@ -264,24 +264,21 @@ def use_timeout_for_new_groups(timeout: timedelta) -> None:
     distributed_c10d.default_pg_nccl_timeout = timeout
 
 
-def release_deepspeed_shm() -> None:
-    """Unlink this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer, once every rank has mapped it.
+DEEPSPEED_SHM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
 
-    DeepSpeed's CPU communication op creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
-    (67 MB) per rank at init and never unlinks it, so each CPU launch left 67 MB per rank in RAM-backed /dev/shm
-    after exit: a test suite or a benchmark of many launches filled a 24 GB machine and was OOM-killed. The
-    mappings stay valid after the unlink; the memory goes when the last process using it exits.
+
+def skip_deepspeed_shm_op() -> None:
+    """Mark DeepSpeed's CPU shared-memory communication op unavailable, so `deepspeed.init_distributed` never builds
+    or loads it.
+
+    On a CPU machine init_distributed compiled that op (25-29 s, on every launch where the compiled copy was not
+    found) and gave every rank a 67 MB /dev/shm buffer that it never unlinked. The op serves only DeepSpeed's
+    `inference_all_reduce` (its inference kernels); training's collectives go through torch.distributed, gloo on
+    CPU, either way. `deepspeed.ops.__compatible_ops__` is the one dict DeepSpeed consults before building it.
     """
-    import torch.distributed as dist
+    import deepspeed.ops
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_world_size() > 1:
-        dist.barrier()  # every rank has opened its peers' buffers inside DeepSpeed's init
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    with suppress(FileNotFoundError):
-        os.unlink(Path("/dev/shm") / name)
+    deepspeed.ops.__compatible_ops__[DEEPSPEED_SHM_OP] = False
 
 
 # ---------------------------------------------------------------------------------------------- placement

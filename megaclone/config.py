@@ -10,6 +10,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,7 @@ class CheckpointConfig:
     save_interval: int = 0  # steps; 0: only at the end
     load: str = ""  # resume exactly from this directory
     keep_last: int = 0  # 0: keep all
+    overwrite: bool = False  # save into a root of another model, or over a step directory that exists
 
 
 # What `--hyperclone N` uses when neither the flags nor the config name a variant or a noise level: the best of
@@ -279,6 +281,22 @@ class CheckpointConfig:
 HYPERCLONE_DEFAULTS = {"variant": "diagonal", "noise_db": 0.0}
 NO_NOISE = "none"  # what --clone-noise-db takes to turn the default noise off
 GROW_METHODS = ("zero", "stack", "interleave")  # --grow-method (megaclone.clone.depth)
+
+
+def parse_factor(minimum: int) -> Callable[[str], int]:
+    """An argparse type for a widening factor (--hyperclone N, --hyperclone-ffn M): an integer >= `minimum`."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def parse_noise_db(text: str) -> float | str:
@@ -402,9 +420,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-
-
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check a YAML value against a field's type; YAML 1.1 reads `3e-4` as a string, so floats may be text."""
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
@@ -441,14 +456,17 @@ def model_config_from_dict(values: dict[str, Any], where: str = "model") -> Mode
     return _build(ModelConfig, dict(values), where)
 
 
+_SECTION_CLASSES = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
+                    "checkpoint": CheckpointConfig, "clone": CloneConfig}
+_TOP_LEVEL_KEYS = sorted(_SECTION_CLASSES) + ["run_dir"]
+
+
 def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
-    sections = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
-                "data": DataConfig, "checkpoint": CheckpointConfig, "clone": CloneConfig}
-    unknown = sorted(set(values) - set(sections) - {"run_dir"})
+    unknown = sorted(set(values) - set(_TOP_LEVEL_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; known: {sorted(sections) + ['run_dir']}")
+        raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; known: {_TOP_LEVEL_KEYS}")
     built = {}
-    for name, cls in sections.items():
+    for name, cls in _SECTION_CLASSES.items():
         section = values.get(name) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{where}: '{name}' must be a mapping, got {type(section).__name__}")
@@ -486,6 +504,18 @@ def _parse_value(text: str, item: str) -> Any:
         raise _yaml_error(f"--set {item!r}", e) from None
 
 
+def _check_override_key(item: str, parts: list[str]) -> None:
+    """An unknown key in `--set` is the flag's mistake: name it (not the config file it would have gone into)."""
+    if parts == ["run_dir"]:
+        return
+    if parts[0] not in _SECTION_CLASSES:
+        raise ConfigError(f"--set {item}: unknown section {parts[0]!r}; known: {_TOP_LEVEL_KEYS}")
+    known = sorted(f.name for f in dataclasses.fields(_SECTION_CLASSES[parts[0]]))
+    if len(parts) != 2 or parts[1] not in known:
+        raise ConfigError(f"--set {item}: unknown key {'.'.join(parts[1:])!r} in section '{parts[0]}'; known keys: "
+                          f"{known}")
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides (values parsed as YAML scalars) to a raw config dict."""
     for item in overrides:
@@ -493,6 +523,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        _check_override_key(item, parts)
         node = values
         for part in parts[:-1]:
             node = node.setdefault(part, {})

@@ -203,6 +203,12 @@ def num_params(cfg: ModelConfig) -> int:
     return sum(math.prod(s.shape) for s in build_param_specs(cfg))
 
 
+def model_summary(cfg: ModelConfig) -> str:
+    """One line that tells two models apart in a message."""
+    return (f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, ffn {cfg.ffn_size}, "
+            f"vocab {cfg.vocab_size}, {num_params(cfg) / 1e6:.2f}M parameters")
+
+
 def num_pipeline_layers(cfg: ModelConfig) -> int:
     """Embedding, the blocks, the final norm (and project_out) and the LM head (the tied embedding when tied)."""
     return cfg.num_layers + 3

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaclone.config import GROW_METHODS, HYPERCLONE_DEFAULTS, NO_NOISE, parse_noise_db  # noqa: E402
+from megaclone.config import GROW_METHODS, HYPERCLONE_DEFAULTS, NO_NOISE, parse_factor, parse_noise_db  # noqa: E402
 from megaclone.convert import ConvertOptions, VerificationError, convert_checkpoint, tune_process  # noqa: E402
 
 
@@ -32,12 +32,13 @@ def parse_args(argv: list[str] | None = None) -> ConvertOptions:
     p.add_argument("--tp", type=int, default=None, help="target tensor-parallel size (default: the source's)")
     p.add_argument("--pp", type=int, default=None, help="target pipeline-parallel size (default: the source's)")
     g = p.add_argument_group("HyperCloning (widening)")
-    g.add_argument("--hyperclone", type=int, default=0, metavar="N",
-                   help="widen hidden size, heads and groups N times (1: keep the width)")
-    g.add_argument("--hyperclone-ffn", type=int, default=None, metavar="M", help="widen the FFN M times (default N)")
-    g.add_argument("--hyperclone-groups", type=int, default=None, metavar="G",
+    g.add_argument("--hyperclone", type=parse_factor(1), default=0, metavar="N",
+                   help="widen hidden size, heads and groups N times (1: keep the width; without it: reshard only)")
+    g.add_argument("--hyperclone-ffn", type=parse_factor(1), default=None, metavar="M",
+                   help="widen the FFN M times (default N)")
+    g.add_argument("--hyperclone-groups", type=parse_factor(1), default=None, metavar="G",
                    help="widen the query groups (KV heads) G times, G dividing N (default N)")
-    g.add_argument("--grow-layers", type=int, default=0, metavar="L", help="grow the depth to L layers")
+    g.add_argument("--grow-layers", type=parse_factor(1), default=0, metavar="L", help="grow the depth to L layers")
     g.add_argument("--grow-method", default="zero", choices=GROW_METHODS,
                    help="zero (default, lossless): new identity blocks; stack: [1..L, 1..L]; interleave: [1, 1, 2, 2]")
     g.add_argument("--clone-variant", default=None, choices=("symmetric", "diagonal"),

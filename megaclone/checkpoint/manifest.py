@@ -194,6 +194,7 @@ class Manifest:
     optimizer: dict[str, Any] | None = None  # Adam state files: {step, scheduler, files} (see checkpoint.optim_state)
     other_files: dict[str, dict[str, Any]] | None = None  # every other file (DeepSpeed's, the tokenizer): digests;
     # None in manifests of megaclone versions that recorded none
+    settings: dict[str, Any] | None = None  # the run's train, data and checkpoint settings ({section: {key: value}})
 
     @property
     def tp_size(self) -> int:
@@ -209,7 +210,8 @@ class Manifest:
                 "data": dict(self.data), "params": [p.to_dict() for p in self.params], "files": dict(self.files),
                 "deepspeed": self.deepspeed, "provenance": dict(self.provenance),
                 **({"optimizer": dict(self.optimizer)} if self.optimizer is not None else {}),
-                **({"other_files": dict(self.other_files)} if self.other_files is not None else {})}
+                **({"other_files": dict(self.other_files)} if self.other_files is not None else {}),
+                **({"settings": dict(self.settings)} if self.settings is not None else {})}
 
     def digests(self) -> dict[str, dict[str, Any]]:
         """Every file the manifest records a digest for: weights, optimizer-state files and the others."""
@@ -253,11 +255,16 @@ class Manifest:
         optimizer = d.get("optimizer")
         if optimizer is not None:
             check_optimizer_record(optimizer, where)
+        settings = d.get("settings")
+        if settings is not None and not (isinstance(settings, dict) and all(isinstance(v, dict)
+                                                                            for v in settings.values())):
+            raise CheckpointError(f"{where}: 'settings' must map section names to mappings, got {settings!r}")
         return Manifest(step=d["step"], model=model, layout=dict(layout), params=params,
                         tokenizer=d.get("tokenizer"), data=dict(d.get("data") or {}), files=dict(files),
                         deepspeed=d.get("deepspeed"), provenance=dict(d.get("provenance") or {}),
                         optimizer=dict(optimizer) if optimizer is not None else None,
-                        other_files=dict(other_files) if other_files is not None else None)
+                        other_files=dict(other_files) if other_files is not None else None,
+                        settings=dict(settings) if settings is not None else None)
 
 
 def make_manifest(cfg: ModelConfig, step: int, tp_size: int, pp_size: int, *, dp_size: int = 1,

@@ -376,7 +376,7 @@ def execute_plan(plan: ConversionPlan) -> ConversionReport:
                              tokenizer="tokenizer.model" if src.tokenizer else None, data=dict(src.data),
                              files=files, provenance=_provenance(plan),
                              optimizer=carried_record(src, {f.rel: done[f.rel] for f in plan.files}),
-                             other_files=tokenizer_digests(tmp, src.tokenizer))
+                             other_files=tokenizer_digests(tmp, src.tokenizer), settings=src.settings)
     write_manifest(tmp, manifest)
     if o.verify:
         report.verify = verify_conversion(plan.source, tmp, widened=plan.clone is not None,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megaclone.checkpoint import (
+    LATEST_NAME,
     MANIFEST_NAME,
     CheckpointError,
     Manifest,
@@ -39,13 +40,14 @@ from megaclone.checkpoint import (
     write_manifest,
 )
 from megaclone.checkpoint.io import TMP_PREFIX, remove_stale_saves
+from megaclone.checkpoint.manifest import step_dirs
 from megaclone.checkpoint.optim_state import is_optim_file
 from megaclone.cluster import ClusterReport, replica_writers, write_node_inventory
 from megaclone.config import ModelConfig, RunConfig
 from megaclone.data import DistributedBatchSampler
 from megaclone.model import global_named_parameters
 from megaclone.parallel import Layout, TPRNGTracker
-from megaclone.spec import spec_table
+from megaclone.spec import model_summary, spec_table
 from megaclone.train.engine import fp32_masters, is_pipeline
 from megaclone.train.integrity import hash_step_files, verify_resume
 from megaclone.train.safe_load import install_weights_only_loader
@@ -133,7 +135,7 @@ def _remove_stale_saves(root: str | Path) -> None:
 def save_training_checkpoint(root: str | Path, step: int, cfg: RunConfig, layout: Layout, engine: Any,
                              module: nn.Module, sampler: DistributedBatchSampler, tracker: TPRNGTracker,
                              tokenizer: Path | None, provenance: dict[str, Any],
-                             placement: ClusterReport | None = None) -> Path:
+                             placement: ClusterReport | None = None, settings: dict[str, Any] | None = None) -> Path:
     """Write ROOT/step_XXXXXXXX on all ranks together (see the checkpoint contract); returns the step dir.
 
     Node-local (`placement` says which ranks share a node): every node's first rank prepares and commits the
@@ -179,7 +181,8 @@ def save_training_checkpoint(root: str | Path, step: int, cfg: RunConfig, layout
             tokenizer="tokenizer.model" if tokenizer is not None else None, data=sampler.state_dict(),
             files={rel: every_file[rel] for rel in weight_files}, deepspeed=DEEPSPEED_TAG, provenance=provenance,
             optimizer=optimizer_record(engine, tmp, layout, every_file),
-            other_files={rel: d for rel, d in every_file.items() if rel not in weight_files and not is_optim_file(rel)})
+            other_files={rel: d for rel, d in every_file.items() if rel not in weight_files and not is_optim_file(rel)},
+            settings=settings)
         write_manifest(tmp, manifest)
         if node_local:
             copy_files[MANIFEST_NAME] = file_digest(tmp / MANIFEST_NAME)
@@ -200,6 +203,39 @@ def model_mismatch(saved: ModelConfig, current: ModelConfig) -> list[str]:
     """`key: saved != current` for every architecture field that differs (dropout may change)."""
     return [f"model.{k}: checkpoint {v!r} != run {getattr(current, k)!r}"
             for k, v in vars(saved).items() if k not in TRAINING_ONLY_KEYS and getattr(current, k) != v]
+
+
+def check_save_root(cfg: RunConfig, start_step: int) -> None:
+    """Refuse, before any work, a --save root that holds another model's checkpoints, or a step directory this run
+    would write over (checkpoint.overwrite allows both); `start_step` is the step training continues after.
+
+    Resuming into the root it was loaded from writes only later steps, so it passes. With `--load ROOT --save ROOT`
+    (a restartable job) a step directory later than `latest` is what a crash left between its rename and the move
+    of `latest` (which moves last): not a checkpoint anyone resumed from, so this run may replace it."""
+    root = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
+    if root is None or cfg.checkpoint.overwrite or not root.is_dir():
+        return
+    existing = step_dirs(root)
+    if not existing:
+        return
+    held = read_manifest(root if (root / LATEST_NAME).is_file() else existing[-1][1])
+    diffs = model_mismatch(held.model, cfg.model)
+    if diffs:
+        raise CheckpointError(f"--save {root}: it holds checkpoints of another model (step {held.step}: "
+                              f"{model_summary(held.model)}) than this run's ({model_summary(cfg.model)}): "
+                              + "; ".join(diffs[:3]) + ". Save elsewhere, or give --overwrite to add this run's "
+                              "checkpoints there (and move its `latest` to them)")
+    total, every = cfg.train.train_iters, cfg.checkpoint.save_interval
+
+    def saves(step: int) -> bool:  # as train() and run() decide
+        return (start_step < step <= total and (step == total or (every > 0 and step % every == 0))) \
+            or step == start_step == total == 0
+
+    resumes_latest = bool(cfg.checkpoint.load) and Path(cfg.checkpoint.load).absolute() == root.absolute()
+    clash = [path for step, path in existing if saves(step) and not (resumes_latest and step > start_step)]
+    if clash:
+        raise CheckpointError(f"--save {root}: {clash[0]} exists, and this run would write over it. Save elsewhere, "
+                              f"resume from it with --load, or give --overwrite to replace it")
 
 
 def check_resume(manifest: Manifest, path: Path, cfg: RunConfig, world_size: int) -> None:

@@ -21,29 +21,18 @@ from megaclone.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
+    parse_factor,
     parse_noise_db,
     read_yaml_mapping,
     run_config_from_dict,
 )
 from megaclone.train.carry import CarrySettings, carry_resume_settings, check_carry_plan
-from megaclone.train.checkpointing import TRAINING_ONLY_KEYS, check_resume, model_mismatch
+from megaclone.train.checkpointing import TRAINING_ONLY_KEYS, check_resume, check_save_root, model_mismatch
 from megaclone.train.cloning import CloneSource, has_symmetry_breaking, plan_clone
 from megaclone.train.dataset import DataPlan, plan_data, prepared_vocab_size
+from megaclone.train.settings import Layer, inherited_layer, merge_layers, setting_sources
 
 CLONE_MODEL_KEYS = TRAINING_ONLY_KEYS  # the model options a cloned run may still set
-
-
-def _factor(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -56,19 +45,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-iters", type=int, help="optimizer steps in total (train.train_iters)")
     p.add_argument("--save", help="checkpoint root directory (checkpoint.save)")
     p.add_argument("--load", help="resume exactly from this checkpoint root or step directory (checkpoint.load)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --save write into a root that holds another model, or over a step directory that exists "
+                        "(checkpoint.overwrite)")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--run-dir", help="logs, metrics.jsonl and the default corpus go here (run_dir)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set train.lr=3e-4 model.dropout=0.1")
     g = p.add_argument_group("HyperCloning")
     g.add_argument("--init-from", help="small checkpoint to widen (any layout)")
-    g.add_argument("--hyperclone", type=_factor(1), metavar="N",
+    g.add_argument("--hyperclone", type=parse_factor(1), metavar="N",
                    help="widen hidden size, heads and groups N times (1: keep the width)")
-    g.add_argument("--hyperclone-ffn", type=_factor(1), metavar="M", help="widen the FFN M times (default N)")
-    g.add_argument("--hyperclone-groups", type=_factor(1), metavar="G",
+    g.add_argument("--hyperclone-ffn", type=parse_factor(1), metavar="M", help="widen the FFN M times (default N)")
+    g.add_argument("--hyperclone-groups", type=parse_factor(1), metavar="G",
                    help="widen the query groups (KV heads) G times, G dividing N (default N; 1 keeps an MQA/GQA "
                         "model's KV heads and puts N times the heads in each group)")
-    g.add_argument("--grow-layers", type=_factor(1), metavar="L", help="grow the depth to L layers (more than the "
+    g.add_argument("--grow-layers", type=parse_factor(1), metavar="L", help="grow the depth to L layers (more than the "
                    "small checkpoint's)")
     g.add_argument("--grow-method", choices=GROW_METHODS,
                    help="zero (default): new identity blocks (copies of the block before, residual-branch output "
@@ -84,7 +76,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--hyperclone-optimizer", choices=("fresh", "carry"),
                    help="fresh: a new optimizer from step 0 (default); carry: the small run's Adam moments, step and "
                         "LR schedule, with per-group lr, eps and weight decay that continue its trajectory exactly")
-    g.add_argument("--hyperclone-lr-transition", type=_factor(0), metavar="STEPS",
+    g.add_argument("--hyperclone-lr-transition", type=parse_factor(0), metavar="STEPS",
                    help="carry: move each group to the run's own lr, eps and weight decay over STEPS steps "
                         "(0: at once; default: never)")
     g.add_argument("--hyperclone-schedule", choices=("continue", "restart"),
@@ -115,6 +107,8 @@ class RunPlan:
     resume_path: Path | None = None
     warnings: list[str] = field(default_factory=list)
     carry: CarrySettings | None = None  # --load of a carry run's checkpoint: its optimizer groups and schedule
+    sources: dict[str, str] = field(default_factory=dict)  # "section.key" -> where its value came from
+    start_step: int = 0  # the step training continues after
 
 
 def _read_config_values(path: str | None) -> dict:
@@ -141,26 +135,38 @@ def _flag_values(args: argparse.Namespace) -> dict[str, dict]:
     for (section, key), value in flags.items():
         if value is not None:
             out.setdefault(section, {})[key] = None if (key, value) == ("noise_db", NO_NOISE) else value
+    if args.overwrite:
+        out.setdefault("checkpoint", {})["overwrite"] = True
     return out
 
 
-def _raw_values(args: argparse.Namespace) -> dict:
-    """The config file's mapping with `--set` overrides and the flags applied (flags win)."""
-    values = _read_config_values(args.config)
-    values = apply_overrides(values, list(args.set))
-    for section, entries in _flag_values(args).items():
-        node = values.setdefault(section, {}) or {}
-        if not isinstance(node, dict):
-            raise ConfigError(f"{args.config or 'config'}: '{section}' must be a mapping")
-        node.update(entries)
-        values[section] = node
+def _source_checkpoint(given: dict) -> Path | None:
+    """The step directory a run starts from (--init-from or --load), None for a fresh run (or both: refused later)."""
+    clone, ckpt = given.get("clone") or {}, given.get("checkpoint") or {}
+    if bool(clone.get("init_from")) == bool(ckpt.get("load")):
+        return None
+    path = clone.get("init_from") or ckpt.get("load")
+    if not clone.get("init_from") and holds_no_checkpoint(path):  # --load of a root not written yet: see below
+        return None
+    return resolve_checkpoint(path)
+
+
+def _layers(args: argparse.Namespace, warnings: list[str]) -> list[Layer]:
+    """The run's values, lowest precedence first: the source checkpoint's recorded settings (without --config), the
+    HyperCloning defaults (with --hyperclone), the config file, `--set`, the flags (megaclone.train.settings)."""
+    flags = _flag_values(args)
     if args.run_dir is not None:
-        values["run_dir"] = args.run_dir
-    clone = values.get("clone")
-    if isinstance(clone, dict) and (clone.get("factor") or clone.get("grow_layers")):  # grown: what nobody set
-        for key, value in HYPERCLONE_DEFAULTS.items():
-            clone.setdefault(key, value)
-    return values
+        flags["run_dir"] = args.run_dir
+    layers = [(f"the config file {args.config}", _read_config_values(args.config)),
+              ("--set", apply_overrides({}, list(args.set))), ("flags", flags)]
+    given = merge_layers(layers)
+    clone = given.get("clone") or {}
+    if clone.get("factor") or clone.get("grow_layers"):  # grown: the measured best, where nothing else sets them
+        layers.insert(0, ("the HyperCloning defaults", {"clone": dict(HYPERCLONE_DEFAULTS)}))
+    source = None if args.config else _source_checkpoint(given)
+    if source is not None:
+        layers.insert(0, inherited_layer(read_manifest(source), source, warnings))
+    return layers
 
 
 def _plan_clone(args: argparse.Namespace, cfg: RunConfig, model_values: dict, world_size: int,
@@ -255,7 +261,9 @@ def _plan_data(cfg: RunConfig, data_values: dict, tokenizer: Path | None, from_c
 def build_plan(args: argparse.Namespace, world_size: int) -> RunPlan:
     """Resolve and validate the whole run; raises ValueError / FileNotFoundError naming the key or file."""
     file_has_model = bool(_read_config_values(args.config).get("model"))
-    values = _raw_values(args)
+    warnings: list[str] = []
+    layers = _layers(args, warnings)
+    values = merge_layers(layers)
     clone_values = values.get("clone") or {}
     cloning = bool(clone_values.get("factor") or clone_values.get("grow_layers") or clone_values.get("init_from"))
     model_values = dict(values.pop("model", None) or {}) if cloning else dict(values.get("model") or {})
@@ -264,7 +272,6 @@ def build_plan(args: argparse.Namespace, world_size: int) -> RunPlan:
     if cfg.clone.init_from and not cfg.clone.active:
         raise ConfigError("--init-from needs --hyperclone N (the factor to widen the small checkpoint by) and/or "
                           "--grow-layers L (the depth to grow it to)")
-    warnings: list[str] = []
     _check_output_paths(cfg)
     _report_stale_saves(cfg, warnings)
     if cfg.checkpoint.load:
@@ -281,4 +288,16 @@ def build_plan(args: argparse.Namespace, world_size: int) -> RunPlan:
     if resume is not None:
         check_resume(resume, resume_path, cfg, world_size)
         carry = carry_resume_settings(resume, resume_path, cfg)
-    return RunPlan(cfg, world_size, data, clone, resume, resume_path, warnings, carry)
+    start = _start_step(cfg, clone, resume)
+    check_save_root(cfg, start)
+    return RunPlan(cfg, world_size, data, clone, resume, resume_path, warnings, carry, setting_sources(layers), start)
+
+
+def _start_step(cfg: RunConfig, clone: CloneSource | None, resume: Manifest | None) -> int:
+    """The step training continues after: the small run's with a carried optimizer, the checkpoint's on a resume
+    with optimizer state (exact or layout-free), else 0."""
+    if clone is not None:
+        return clone.manifest.step if cfg.clone.optimizer == "carry" else 0
+    if resume is not None and (resume.deepspeed is not None or resume.optimizer is not None):
+        return resume.step
+    return 0

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,19 @@ def setup_console_logging(rank: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.propagate = False
+
+
+def quiet_libraries() -> None:
+    """Keep DeepSpeed's and torch's lines that tell a user nothing off the console: DeepSpeed's accelerator guess
+    on a CPU machine (megaclone picks gloo there itself), its INFO lines, and the FutureWarning torch raises, once
+    per rank, when DeepSpeed's ZeRO calls the deprecated all_gather_into_tensor. Call before DeepSpeed is imported."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -75,6 +89,7 @@ class StartupClock:
 
     def record(self) -> dict[str, Any]:
         return {"phases": {k: round(v, 3) for k, v in self.phases.items()}, "process_start": self.process_start}
+HEARTBEAT_S = 10.0  # a step's line goes to the console at least this often, whatever train.log_interval says
 
 
 class MetricsLogger:
@@ -86,6 +101,7 @@ class MetricsLogger:
         self._file = None
         self._bar = None
         self._tb = None
+        self._last_line = time.monotonic()
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,15 +127,18 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def train_step(self, step: int, values: dict[str, Any], console: bool) -> None:
+        """Record a step; its line goes to the console when `console`, or when the last line is HEARTBEAT_S old
+        (a slow machine, or a long log_interval, never leaves the console silent)."""
         self.event("train", step, **values)
         if not self.enabled:
             return
         self._bar.update(step - self._bar.n)
         self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-        if console:
+        if console or time.monotonic() - self._last_line >= HEARTBEAT_S:
             text = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
             self._bar.write(f"step {step}: {text}", file=sys.stdout)
             sys.stdout.flush()  # visible at once when stdout is a file or a pipe
+            self._last_line = time.monotonic()
 
     def info(self, message: str) -> None:
         """A console line that does not break the progress bar."""
@@ -130,6 +149,7 @@ class MetricsLogger:
             sys.stdout.flush()
         else:
             log.info(message)
+        self._last_line = time.monotonic()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -8,9 +8,13 @@ exists; a peer lost mid-run ends every surviving rank with a message and status 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
+import time
 from typing import Any, NoReturn
 
 import torch
@@ -44,8 +48,9 @@ from megaclone.train.cloning import (
 from megaclone.train.dataset import eval_batches, open_data, prepare_data_on_rank0
 from megaclone.train.engine import build_engine, build_model, device_for
 from megaclone.train.integrity import ResumeRefused
-from megaclone.train.logging import MetricsLogger, StartupClock, setup_console_logging
+from megaclone.train.logging import MetricsLogger, StartupClock, quiet_libraries, setup_console_logging
 from megaclone.train.loop import TrainContext, run_eval, train
+from megaclone.train.settings import describe_sources, settings_record
 from megaclone.train.state_io import elastic_reason, resume_elastic, start_carried_run
 
 log = logging.getLogger("megaclone.train")
@@ -58,7 +63,7 @@ def init_distributed(env: cluster.ClusterEnv | None = None) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    quiet_libraries()
     cluster.init_process_group(env)
 
 
@@ -75,6 +80,29 @@ def _provenance(plan: RunPlan) -> dict[str, Any]:
     if plan.resume is not None:
         return {**plan.resume.provenance, "resumed_from": str(plan.resume_path)}
     return {"init": "random", "seed": plan.cfg.train.seed}
+
+
+def describe_start(plan: RunPlan) -> str:
+    """What the run starts from, said before the (possibly long) model build: above all whether a --load resumes
+    exactly or through the layout-free path."""
+    cfg = plan.cfg
+    if plan.clone is not None:
+        c = cfg.clone
+        growth = ([f"x{c.factor or 1} HyperCloning widening (FFN x{c.ffn_factor or c.factor or 1})"]
+                  if max(c.factor, c.ffn_factor or 1) > 1 else []) + \
+            ([f"growth to {c.grow_layers} layers ({c.grow_method})"] if c.grow_layers else [])
+        return (f"start: the {' and '.join(growth)} of {plan.clone.path} (step {plan.clone.manifest.step}), "
+                f"{c.optimizer} optimizer, training after step {plan.start_step}")
+    if plan.resume is None:
+        return f"start: random initialisation (seed {cfg.train.seed})"
+    where = f"{plan.resume_path} (step {plan.resume.step})"
+    if plan.resume.deepspeed is None and plan.resume.optimizer is None:
+        return f"start: the weights of {where}, a fresh optimizer from step 0 (the checkpoint holds no optimizer state)"
+    reason = elastic_reason(plan.resume, cfg, plan.world_size)
+    if reason is not None:
+        return (f"start: resuming {where} through the layout-free path ({reason}): fp32 masters, Adam moments, LR "
+                "schedule and data position carried; DeepSpeed's own state is not used")
+    return f"start: resuming {where} exactly (DeepSpeed's own state, at the layout it was saved with)"
 
 
 def build_start_model(plan: RunPlan, layout: Layout,
@@ -149,6 +177,9 @@ def run(plan: RunPlan, clock: StartupClock | None = None) -> float | None:
         log.warning(warning)
     for warning in plan.warnings if layout.rank == 0 else []:
         log.warning(warning)
+    for line in describe_sources(plan.sources, cfg):
+        log.info(line)
+    log.info(describe_start(plan))
     if plan.resume is not None:  # every file of the step, checked before anything is loaded or written
         verify_resume_checkpoint(plan.resume_path, plan.resume, cfg, layout, placement)
     device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
@@ -173,7 +204,7 @@ def run(plan: RunPlan, clock: StartupClock | None = None) -> float | None:
 
         def save(step: int) -> None:
             save_training_checkpoint(cfg.checkpoint.save, step, cfg, layout, engine, module, data.sampler, tracker,
-                                     data.tokenizer.path, provenance, placement)
+                                     data.tokenizer.path, provenance, placement, settings_record(cfg, plan.data.prefix))
 
     batches = ((t.to(device), y.to(device)) for t, y in data.batches())
     ctx = TrainContext(cfg, layout, engine, batches, eval_set, logger, start_step, save)
@@ -200,6 +231,36 @@ def run(plan: RunPlan, clock: StartupClock | None = None) -> float | None:
     return final
 
 
+RANK0_REPORT_WAIT_S = 3.0  # how long other ranks wait before exiting on a mistake, so that rank 0 reports it
+
+
+def _launch_rank() -> int:
+    try:
+        return cluster.detect_cluster_env().rank
+    except ValueError:  # a broken environment: main reports it on every rank
+        return 0
+
+
+def _exit_after_rank0(rank: int) -> None:
+    """Every rank finds the same mistake, but only rank 0 reports it, and a launcher ends every rank as soon as one
+    exits: the others wait a moment, so rank 0 is not killed before its message is out."""
+    if rank != 0:
+        time.sleep(RANK0_REPORT_WAIT_S)
+
+
+def parse_args_on_rank0(argv: list[str] | None, rank: int) -> argparse.Namespace:
+    """argparse prints its usage, errors and --help itself; under a launcher only rank 0 does, not every rank."""
+    try:
+        if rank == 0:
+            return parse_args(argv)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return parse_args(argv)
+    except SystemExit as e:
+        if e.code:
+            _exit_after_rank0(rank)
+        raise
+
+
 def _exit_refused(error: CheckpointError, rank: int) -> NoReturn:
     """A checkpoint refused once the process group exists: say why and leave at once, with the usage status.
     `os._exit`: a peer may still wait in a collective that a normal exit's teardown would block on."""
@@ -211,7 +272,8 @@ def _exit_refused(error: CheckpointError, rank: int) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> int:
     clock = StartupClock()
-    args = parse_args(argv)
+    rank = _launch_rank()
+    args = parse_args_on_rank0(argv, rank)
     env = None
     try:
         env = cluster.detect_cluster_env()
@@ -220,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # the user's mistake: say it, do nothing
         if env is None or env.rank == 0:  # a broken environment: every rank says so
             print(f"pretrain.py: error: {e}", file=sys.stderr)
+        _exit_after_rank0(rank)
         return 2
     with cluster.exit_on_peer_failure(env, plan.cfg.checkpoint.save):  # a lost peer: a message and exit 75
         clock.lap("plan")

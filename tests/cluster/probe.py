@@ -45,8 +45,12 @@ def main() -> None:
     total = torch.tensor([float(env.rank)])
     dist.all_reduce(total)
     torch_env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    from deepspeed.comm import comm as ds_comm
+
     record = {"env": asdict(env), "report": report.to_dict(), "lines": report.lines(), "rank_sum": total.item(),
-              "torch_env": torch_env, "backend": dist.get_backend()}
+              "torch_env": torch_env, "backend": dist.get_backend(),
+              "shm_op_loaded": ds_comm.cdb.shm_comm_op is not None,
+              "shm_buffers": sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_*_{env.master_port}_*"))}
     (out / f"rank{env.rank}.json").write_text(json.dumps(record))
     hang = os.environ.get("PROBE_HANG_RANK")
     if hang is not None:

@@ -66,9 +66,12 @@ def slurm_job_id() -> int:
 
 def test_bare_slurm_tasks(tmp_path: Path) -> None:
     job_id = slurm_job_id()
-    results = wait_all([slurm_task(r, tmp_path, job_id) for r in range(2)])
+    extensions = tmp_path / "torch_extensions"  # where DeepSpeed would compile its CPU communication op
+    results = wait_all([slurm_task(r, tmp_path, job_id, TORCH_EXTENSIONS_DIR=str(extensions)) for r in range(2)])
     assert all(code == 0 for code, _ in results), results
+    assert not extensions.exists() and "built successfully" not in results[0][1]  # the op is neither built nor loaded
     for rank, record in enumerate(records(tmp_path, 2)):
+        assert not record["shm_op_loaded"] and record["shm_buffers"] == []  # no 67 MB /dev/shm buffer per rank
         assert record["env"]["launcher"] == "slurm" and record["env"]["node_rank"] == rank
         assert record["torch_env"] == {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(20000 + job_id % 20000)}

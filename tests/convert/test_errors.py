@@ -217,3 +217,16 @@ def test_cli_clone_defaults_are_the_launchers(capsys) -> None:
     assert (o.hyperclone, o.clone_variant, o.clone_noise_db) == (0, "symmetric", None)
     assert cli.main([*base, "--clone-noise-db", "none"]) == 2
     assert "--clone-noise-db given without --hyperclone N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hyperclone", "0"], "argument --hyperclone: expected an integer >= 1, got 0"),  # was a plain copy, exit 0
+    (["--hyperclone", "2", "--hyperclone-ffn", "0"], "argument --hyperclone-ffn: expected an integer >= 1, got 0"),
+    (["--grow-layers", "-4"], "argument --grow-layers: expected an integer >= 1, got -4"),
+])
+def test_cli_refuses_factors_the_launcher_refuses(argv: list[str], message: str, tmp_path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _cli().main(["--input", str(tmp_path / "a"), "--output", str(tmp_path / "b"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

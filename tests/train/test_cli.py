@@ -45,8 +45,9 @@ def test_good_plan_resolves_vocab_and_layout(tmp_path: Path) -> None:
     (["--tp", "2", "--set", "model.vocab_multiple=513"], 2,
      r"padded vocabulary 513 \(model.vocab_multiple=513\) must be divisible by parallel.tp_size=2"),
     (["--pp", "2", "--zero-stage", "3"], 2, r"parallel.zero_stage=3 cannot be combined with parallel.pp_size=2"),
-    (["--set", "train.lrr=1"], 1, r"unknown key\(s\) \['lrr'\]"),
-    (["--set", "optimizer.lr=1"], 1, r"unknown top-level key\(s\) \['optimizer'\]"),
+    (["--set", "train.lerning_rate=3e-4"], 1,  # the flag's mistake, named as such (not as one of tiny.yaml's keys)
+     r"^--set train.lerning_rate=3e-4: unknown key 'lerning_rate' in section 'train'; known keys: \['adam_eps'"),
+    (["--set", "optimizer.lr=1"], 1, r"^--set optimizer.lr=1: unknown section 'optimizer'; known: \['checkpoint'"),
     (["--tp", "2"], 3, r"world size 3 is not divisible by parallel.tp_size x parallel.pp_size = 2 x 1"),
     (["--set", "data.seq_len=128"], 1, r"data.seq_len=128 exceeds model.max_seq_len=64"),
     (["--set", "model.vocab_size=100"], 1, r"model.vocab_size=100 is smaller than the tokenizer's vocabulary 512"),
@@ -138,6 +139,10 @@ def test_bad_paths_and_yaml_exit_2_before_any_work(case: str, tmp_path: Path, ca
 # --- cloning at launch -----------------------------------------------------------------------------------------
 
 
+def symmetry_warnings(p) -> list[str]:
+    return [w for w in p.warnings if "without symmetry breaking" in w]
+
+
 def test_clone_plan_widens_source(small_ckpt: Path, tmp_path: Path) -> None:
     p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--hyperclone-ffn", "3", "--tp", "4",
               "--clone-noise-db", "10", "--run-dir", str(tmp_path / "run")], world_size=4)
@@ -145,7 +150,7 @@ def test_clone_plan_widens_source(small_ckpt: Path, tmp_path: Path) -> None:
     assert (wide.hidden_size, wide.num_heads, wide.num_query_groups, wide.head_size, wide.ffn_size) == \
         (128, 8, 8, 16, 768)
     assert p.clone.provenance()["hyperclone"]["factor"] == 2 and p.cfg.data.seq_len == 64
-    assert not p.warnings  # noise breaks the symmetry
+    assert not symmetry_warnings(p)  # noise breaks the symmetry
 
 
 def test_clone_defaults_and_the_warning_without_symmetry_breaking(small_ckpt: Path) -> None:
@@ -155,14 +160,14 @@ def test_clone_defaults_and_the_warning_without_symmetry_breaking(small_ckpt: Pa
     p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2"])
     assert (p.cfg.clone.variant, p.cfg.clone.noise_db) == (HYPERCLONE_DEFAULTS["variant"],
                                                            HYPERCLONE_DEFAULTS["noise_db"])
-    assert HYPERCLONE_DEFAULTS["noise_db"] is not None and not p.warnings
+    assert HYPERCLONE_DEFAULTS["noise_db"] is not None and not symmetry_warnings(p)
     for off in (["--clone-noise-db", "none"], ["--set", "clone.noise_db=null"]):
         p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--clone-variant", "symmetric", *off])
         assert (p.cfg.clone.variant, p.cfg.clone.noise_db) == ("symmetric", None)
-        assert any("without symmetry breaking" in w for w in p.warnings)
+        assert symmetry_warnings(p)
     p = plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--clone-noise-db", "none", "--set",
               "model.dropout=0.1"])
-    assert p.cfg.model.dropout == 0.1 and not p.warnings
+    assert p.cfg.model.dropout == 0.1 and not symmetry_warnings(p)
     with pytest.raises(SystemExit):
         plan(["--init-from", str(small_ckpt), "--hyperclone", "2", "--clone-noise-db", "loud"])
 
@@ -262,3 +267,35 @@ def test_bad_clone_sources_write_nothing(small_ckpt: Path, tmp_path: Path, capsy
         assert code == 2, source
         assert message in capsys.readouterr().err
         assert not run_dir.exists() and not save.exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_argparse_speaks_from_rank_0_only(rank: int, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """Under a launcher every rank parses the same command line: a bad flag is reported once, not once per rank."""
+    import megaclone.train.run as run_module
+
+    monkeypatch.setattr(run_module, "RANK0_REPORT_WAIT_S", 0.0)
+    for key, value in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": 29500}.items():
+        monkeypatch.setenv(key, str(value))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", TINY, "--lerning-rate", "3e-4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert ("pretrain.py: error: unrecognized arguments: --lerning-rate 3e-4" in err) == (rank == 0)
+    assert ("usage: pretrain.py" in err) == (rank == 0)
+
+
+def test_the_start_line_says_what_the_run_starts_from(small_ckpt: Path, tmp_path: Path) -> None:
+    from megaclone.train.run import describe_start
+
+    run = ["--run-dir", str(tmp_path / "run")]
+    assert describe_start(plan(["--init-from", str(small_ckpt), "--hyperclone", "2", *run])) == \
+        f"start: the x2 HyperCloning widening (FFN x2) of {small_ckpt} (step 0), fresh optimizer, training after step 0"
+    assert describe_start(plan(["--init-from", str(small_ckpt), "--grow-layers", "3", *run])).startswith(
+        f"start: the growth to 3 layers (zero) of {small_ckpt} (step 0)")
+    assert describe_start(plan(["--load", str(small_ckpt), *run])) == \
+        f"start: the weights of {small_ckpt} (step 0), a fresh optimizer from step 0 (the checkpoint holds no " \
+        "optimizer state)"
+    assert describe_start(plan(["--config", TINY, *run])) == "start: random initialisation (seed 1234)"
