@@ -98,6 +98,16 @@ class RefEmbedding(nn.Module):
             if cfg.position == "learned" else None
 
 
+def fill_norms(module: nn.Module) -> None:
+    """Give the norms torch's own initial values (gain 1, bias 0). The TP/PP model leaves them for the spec table
+    or a checkpoint to fill (so a launch writes every parameter once); the reference is a plain torch model that is
+    usable as soon as it is built."""
+    for m in module.modules():
+        for base in (nn.LayerNorm, nn.RMSNorm):
+            if isinstance(m, base):
+                base.reset_parameters(m)
+
+
 class ReferenceGPT(nn.Module):
     """Full (unsharded) model in one process: `model(tokens)` -> logits [batch, seq, vocab]."""
 
@@ -110,6 +120,7 @@ class ReferenceGPT(nn.Module):
         self.lm_head = None if cfg.tied_embeddings else nn.Linear(cfg.embedding_size, cfg.padded_vocab_size,
                                                                   bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        fill_norms(self)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean loss over real-vocabulary logits when labels are given, else logits [batch, seq, vocab]."""
