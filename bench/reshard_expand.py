@@ -154,7 +154,10 @@ def child_copy(a: argparse.Namespace) -> dict:
     """Read every source weight byte once, write files of the given sizes, fsync them: the I/O floor.
 
     The fsync matches the conversion, which syncs its files before it commits (`--no-fsync`: page cache only).
+    `--direct 1` writes around the page cache with the converter's own `DirectFile`, as the conversion does.
     """
+    from megaclone.convert.writer import DirectFile
+
     sources = sorted((Path(a.input) / "weights").glob("*.safetensors"))
     sizes = json.loads(a.out_sizes)
     out = Path(a.output)
@@ -167,7 +170,8 @@ def child_copy(a: argparse.Namespace) -> dict:
     current = open(next(inputs), "rb")
     read_total = 0
     for i, size in enumerate(sizes):
-        with open(out / f"file{i:03d}", "wb") as f:
+        f = DirectFile(out / f"file{i:03d}") if a.direct else open(out / f"file{i:03d}", "wb")
+        try:
             left = size
             while left:
                 n = min(left, BUF)
@@ -180,6 +184,8 @@ def child_copy(a: argparse.Namespace) -> dict:
                 read_total += got
                 f.write(view[:n])
                 left -= n
+        finally:
+            f.close()
     while current:  # an output smaller than the input: read the rest anyway
         while (got := current.readinto(view)):
             read_total += got
@@ -264,6 +270,12 @@ def drop(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# The copy baselines (kind, fsync, O_DIRECT): through the page cache with and without the fsync, and around it as
+# the converter writes. The page-cache copy's speed depends on the kernel's writeback of dirty pages, which on a
+# shared VM varied 10x between runs (docs/performance.md); the O_DIRECT copy is the floor the converter can reach.
+COPIES = (("copy", 1, 0), ("copy_nosync", 0, 0), ("copy_direct", 1, 1))
+
+
 def measure_size(work: Path, hidden: int, layers: int, a: argparse.Namespace, results: list[dict]) -> None:
     src_root = work / f"src-{hidden}"
     t0 = time.perf_counter()
@@ -277,7 +289,7 @@ def measure_size(work: Path, hidden: int, layers: int, a: argparse.Namespace, re
         jobs.append(("reshard -> TP4 x PP1", dict(tp=4, pp=1, hyperclone=0)))
     for label, job in jobs:
         row: dict = {"hidden": hidden, "layers": layers, "in_bytes": in_bytes, "job": label}
-        runs: dict[str, list[dict]] = {"convert": [], "copy": [], "copy_nosync": []}
+        runs: dict[str, list[dict]] = {"convert": [], **{kind: [] for kind, *_ in COPIES}}
         if a.compare_buffered:
             runs["convert_buffered"] = []
         for rep in range(a.repeat):  # alternate, so that load on the machine hits all alike
@@ -289,9 +301,9 @@ def measure_size(work: Path, hidden: int, layers: int, a: argparse.Namespace, re
                 runs["convert_buffered"].append(run_child("convert", a.settle, input=src, output=work / "out",
                                                           workers=1, buffered=1, **job))
                 drop(work / "out")
-            for kind, fsync in (("copy", 1), ("copy_nosync", 0)):
+            for kind, fsync, direct in COPIES:
                 runs[kind].append(run_child("copy", a.settle, input=src, output=work / "copy",
-                                            out_sizes=json.dumps(sizes), fsync=fsync))
+                                            out_sizes=json.dumps(sizes), fsync=fsync, direct=direct))
                 drop(work / "copy")
             print(f"  {label} rep {rep}: " + ", ".join(f"{k} {v[-1]['seconds']:.2f} s" for k, v in runs.items()),
                   flush=True)
@@ -303,6 +315,7 @@ def measure_size(work: Path, hidden: int, layers: int, a: argparse.Namespace, re
         if a.compare_buffered:
             row["ratio_buffered"] = row["convert_buffered_s"] / row["copy_s"]
         row["ratio_nosync"] = row["convert_s"] / row["copy_nosync_s"]
+        row["ratio_direct"] = row["convert_s"] / row["copy_direct_s"]
         row["out_bytes"] = runs["convert"][0]["out_bytes"]
         row["read_bytes"] = runs["convert"][0]["read_bytes"]
         if a.workers > 1:
@@ -346,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--buffered", type=int, default=0, help="child: convert with direct_io=False")
     p.add_argument("--out-sizes")
     p.add_argument("--fsync", type=int, default=1)
+    p.add_argument("--direct", type=int, default=0, help="child copy: write with O_DIRECT (DirectFile)")
     p.add_argument("--start-at", type=float, default=None)
     a = p.parse_args(argv)
     if a.child:
@@ -364,13 +378,15 @@ def main(argv: list[str] | None = None) -> int:
             measure_size(Path(tmp), *SIZES[i], a, results)
     print(f"\nload average at the end: {os.getloadavg()}")
     print("\n| job | source GB | output GB | convert s (CPU s) | copy+fsync s (CPU s) | ratio | copy, page cache s | "
-          f"ratio | convert x{a.workers} workers s | convert peak RSS MiB | gather s (CPU s) | gather peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "ratio | copy O_DIRECT+fsync s | ratio | "
+          f"convert x{a.workers} workers s | convert peak RSS MiB | gather s (CPU s) | gather peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     nan = float("nan")
     for r in results:
         print(f"| {r['job']} (d={r['hidden']}) | {r['in_bytes'] / 1e9:.2f} | {r['out_bytes'] / 1e9:.2f} | "
               f"{r['convert_s']:.2f} ({r['convert_cpu_s']:.1f}) | {r['copy_s']:.2f} ({r['copy_cpu_s']:.1f}) | "
               f"{r['ratio']:.2f} | {r['copy_nosync_s']:.2f} | {r['ratio_nosync']:.2f} | "
+              f"{r['copy_direct_s']:.2f} | {r['ratio_direct']:.2f} | "
               f"{r.get('convert_workers_s', nan):.2f} | {r['convert_rss_mib']:.0f} | "
               f"{r.get('gather_s', nan):.2f} ({r.get('gather_cpu_s', nan):.1f}) | {r.get('gather_rss_mib', nan):.0f} |")
     for r in results if a.compare_buffered else []:
