@@ -25,8 +25,8 @@ as is, with S's training FLOPs added, and with S's tokens added; mean and spread
     python bench/hyperclone_speedup.py --report-only            # the report from the committed records only
     python bench/hyperclone_speedup.py --gpu                    # one H100/H200: the large-size protocol at 125M
 
-An invocation stops starting runs when its --hours are up and writes the report of what is complete; the same
-command continues. Finished runs are never repeated: their records sit in docs/results/runs/.
+An invocation stops starting runs when its --hours are up, writes the report of what is complete and exits with
+75; the same command continues. Finished runs are never repeated: their records sit in docs/results/runs/.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ CLONE = ("--hyperclone", "2", "--clone-variant", "diagonal", "--clone-noise-db",
 SWEPT = ("random", "fresh", "carry0", "carry100")  # fresh@random takes random's values
 CLONES = ("fresh", "fresh@random", "carry0", "carry100")
 SMALL_SEED = 100  # S's init and data order, apart from the wide runs' seeds 0, 1, 2
+EXIT_INCOMPLETE = 75  # the invocation's time was up before the study was complete: run it again
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/hyperclone_speedup.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(docs, results, sizes, complete=complete, quick=args.quick, gpu=args.gpu, command=command.strip(),
                  cache=cache, elapsed=time.time() - t0)
-    return 0
+    return 0 if complete else EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":
