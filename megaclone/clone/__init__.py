@@ -1,7 +1,7 @@
 """HyperCloning: widen a trained small model so that the wide one computes the same function.
 
 Works one target shard at a time: every widened tensor slice is built from the contiguous small
-slice it copies, with layout-invariant zero-sum noise (DESIGN.md sections 2-3).
+slice it copies, with layout-invariant zero-sum noise (docs/design.md, "Clone rules", "Zero-sum noise").
 """
 
 from megaclone.clone.moments import MOMENT_KINDS, CarryFactors, carry_factors, clone_moment

@@ -1,6 +1,7 @@
 """Adam's moments of a widened model, from the small model's, with the same clone maps as the weights.
 
-At the cloned point every copy of a small unit sees the cloned activations, so (DESIGN.md section 4)
+At the cloned point every copy of a small unit sees the cloned activations, so (docs/design.md, "Carrying the
+optimizer state")
 
     grad'[i'] = grad[pi(i')] / p        p = widening factor of the parameter's OUTPUT in the gradient sense
 
@@ -68,8 +69,10 @@ def clone_moment(wide_spec: ParamSpec, small_cfg: ModelConfig, clone_cfg: CloneC
     """The slice `index` of Adam's `kind` moment of one widened parameter, in fp32.
 
     `read(name, small_index)` returns a slice of the small parameter's moment (a global tensor, like the
-    weights' reader). Calls it once, for the tight small range the slice copies; the variant and the noise
-    of `clone_cfg` do not matter, because the gradient relation depends only on the cloned activations.
+    weights' reader). Calls it once, for the tight small range the slice copies. The variant and the noise of
+    `clone_cfg` are not used: the relation is exact for symmetric clones, and diagonal ones with m = 1 or m = n,
+    without noise; otherwise the copies' gradients differ and these moments are an estimate (docs/design.md,
+    "The gradient relation").
     """
     if kind not in MOMENT_KINDS:
         raise ValueError(f"{wide_spec.name}: moment kind {kind!r}: expected one of {MOMENT_KINDS}")

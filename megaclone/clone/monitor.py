@@ -1,6 +1,6 @@
 """How far the copies of a clone have drifted apart: the symmetry monitor.
 
-A clone uses its extra width only as fast as its copies diverge (DESIGN.md section 2), so training
+A clone uses its extra width only as fast as its copies diverge (docs/design.md, "Zero-sum noise"), so training
 logs the mean cosine similarity between the copies of each output unit of the widened weights.
 """
 

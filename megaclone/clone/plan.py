@@ -1,7 +1,7 @@
 """The clone map: which small element every widened element copies, and which small slice a target needs.
 
 On every widened axis, new unit u' copies small unit u' // factor with the offset inside the unit
-kept, and u' % factor is its copy index (copies adjacent, "interleaved", DESIGN.md section 3). A unit
+kept, and u' % factor is its copy index (copies adjacent, "interleaved", docs/design.md, "The clone map"). A unit
 is `Axis.unit_size` elements: a whole query group's rows [q heads, k, v] for qkv, one FFN row, or the
 two rows [gate_u, up_u] of the unit-interleaved SwiGLU weight. Copying whole units therefore widens
 gate and up with the same map without any regrouping. Because copies are adjacent, a contiguous range

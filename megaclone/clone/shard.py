@@ -1,8 +1,8 @@
 """One target rank's widened shard, and a whole checkpoint widened offline, shard by shard.
 
-Every target rank builds its own slice from the small slice it needs (DESIGN.md section 3), so no
-process ever holds a whole widened model: the same code serves a training launch (each rank calls
-`build_clone_shard` with its own ranks) and the offline converter (`clone_checkpoint`).
+Every target rank builds its own slice from the small slice it needs (docs/design.md, "Shard locality and
+layout invariance"), so no process ever holds a whole widened model: the same code serves a training launch
+(each rank calls `build_clone_shard` with its own ranks) and the offline converter (`clone_checkpoint`).
 """
 
 from __future__ import annotations

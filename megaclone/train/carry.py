@@ -2,7 +2,8 @@
 
 With the moments carried (megaclone.clone.moments), Adam's update m/sqrt(v) of a widened parameter is the
 small update o pi. The widened value is (small o pi) / s, so the wide model follows the small model's
-trajectory exactly (no noise, no dropout, fp32) when each parameter uses (DESIGN.md section 4)
+trajectory exactly (no noise, no dropout, fp32) when each parameter uses (docs/design.md, "Carrying the
+optimizer state")
 
     learning rate  lr / s        the update must shrink with the value
     Adam eps       eps / p       sqrt(v') = sqrt(v) / p

@@ -146,7 +146,7 @@ def set_fp32_masters(engine: Any, params: dict[str, nn.Parameter], values: dict[
     """Overwrite the fp32 masters of `params` with exact fp32 values and refresh the bf16 working copies.
 
     DeepSpeed casts the module to bf16 before it creates its masters, so fp32 values loaded before
-    `initialize` would be rounded (DESIGN.md section 4).
+    `initialize` would be rounded (docs/design.md, "DeepSpeed on CPU").
     """
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param

@@ -1,4 +1,4 @@
-"""Layout invariance and shard locality (DESIGN.md section 3).
+"""Layout invariance and shard locality (docs/design.md, "Shard locality and layout invariance").
 
 Widened weights assembled from `build_clone_shard` at any target TP x PP are bit-identical to TP=1,
 noise included, and every target rank reads exactly the contiguous small units its copies come from.

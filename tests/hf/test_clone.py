@@ -16,7 +16,7 @@ from megaclone.hf import export_hf_checkpoint, import_hf_checkpoint
 from megaclone.hf.families import config_from_hf
 from tests.hf.helpers import CASES, FAMILY_OF, hf_load, hf_logits, sample_tokens, save_hf_model
 
-TOLERANCE = 1e-5  # of max |logit| (DESIGN.md, function preservation)
+TOLERANCE = 1e-5  # of max |logit| (docs/design.md, "Shard locality and layout invariance")
 
 
 def relative_error(got, want) -> float:
