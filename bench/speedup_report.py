@@ -207,9 +207,11 @@ def plot_trend(tr: dict, gpu_params: int, path: Path) -> None:
             xs = [xs[0] * (xs[1] / xs[0]) ** (i / 50) for i in range(51)]
             ax.plot(xs, [predict(fit, x) for x in xs], color=color, ls="--", lw=1,
                     label=f"log-log line through {fit['points']} sizes (extrapolation)")
-        ax.axhline(GOAL_AS_IS if k == "as_is" else GOAL_FLOPS, color=color, ls=":", lw=1, label=f"goal {k}")
+        goal = GOAL_AS_IS if k == "as_is" else GOAL_FLOPS
+        ax.axhline(goal, color=color, ls=":", lw=1, label=f"goal, {KIND_TITLES[k]}: {goal:g}x")
     ax.axvline(gpu_params, color="grey", lw=0.8)
-    ax.annotate("--gpu wide model", (gpu_params, ax.get_ylim()[0]), fontsize=8, rotation=90, va="bottom")
+    ax.text(gpu_params, 0.02, " --gpu wide model", transform=ax.get_xaxis_transform(), fontsize=8, rotation=90,
+            va="bottom", ha="right")
     ax.set(xscale="log", yscale="log", xlabel="wide-model parameters",
            ylabel="speedup at random init's final loss (mean ± std over seeds)",
            title=f"{LABELS[tr['recipe']]}: speedup against size")
