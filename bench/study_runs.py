@@ -130,14 +130,6 @@ class OutOfTime(Exception):
     """Raised by `RunCache.ensure` when runs were left unstarted because the invocation's time is up."""
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def finished(run_dir: Path) -> bool:
     try:
         return any(r.get("event") == "end" for r in read_metrics(run_dir))
@@ -155,12 +147,13 @@ def write_config(path: Path, values: dict) -> Path:
 
 def launch(run_dir: Path, args: list[str], log_file: Path) -> tuple[float, float]:
     """One `launch/pretrain.py` process, niced, one torch thread (skipped when already finished); one retry.
-    Returns (wall seconds, CPU seconds of the process)."""
-    if finished(run_dir):
+    Returns (wall seconds, CPU seconds of the process), kept beside the run for a later reuse."""
+    cost = run_dir / "cost.json"
+    if finished(run_dir) and cost.is_file():
         print(f"  reuse {run_dir.name}", flush=True)
-        return 0.0, 0.0
+        return tuple(json.loads(cost.read_text()))
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--run-dir", str(run_dir), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log_file.parent.mkdir(parents=True, exist_ok=True)
     for attempt in (1, 2):  # a run of hours should not die of one flaky launch
         if run_dir.exists():  # a run stopped part-way: its metrics would be appended to
@@ -175,6 +168,7 @@ def launch(run_dir: Path, args: list[str], log_file: Path) -> tuple[float, float
             proc.returncode = os.waitstatus_to_exitcode(status)
         wall, cpu = time.time() - start, usage.ru_utime + usage.ru_stime
         if proc.returncode == 0 and finished(run_dir):
+            cost.write_text(json.dumps([wall, cpu]))
             return wall, cpu
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
         if attempt == 2:
