@@ -33,19 +33,22 @@ KIND_TITLES = {"as_is": "wide-model tokens", "with_s_flops": "with S's FLOPs cou
 LABELS = {"random": "random init", "fresh": "clone, fresh AdamW, own lr + warmup",
           "fresh@random": "clone, fresh AdamW, random init's lr + warmup",
           "carry0": "clone, carried AdamW, restart, T=0", "carry100": "clone, carried AdamW, restart, T=100",
-          "continued": "S continued (reference)"}
+          "continued": "S continued (reference, its own held-out batches)"}
 GOAL_AS_IS, GOAL_FLOPS = 2.0, 1.3
 NAME = "speedup_study"
 
 
 def speedups(res: SizeResult) -> dict[str, dict[str, dict[float, list[float | None]]]]:
-    """type -> kind -> target -> per-seed speedup (inf: below the target at the widening; None: never reached)."""
+    """type -> kind -> target -> per-seed speedup (inf: below the target at the widening; None: never reached).
+
+    Paired by seed: the held-out batches follow the run's seed, so a run is measured against the random init of
+    its own seed. S continued is left out: it resumes S, whose seed (and so whose held-out batches) are S's own.
+    """
     n, small = res.size.wide_iters, res.small
     s_tokens = small["steps_run"] * small["tokens_per_step"]
     s_flops = s_tokens * small["flops_per_token"]
-    runs = {t: r.seeds for t, r in res.types.items()} | {"continued": {s: res.continued for s in res.seeds}}
     out: dict = {}
-    for t, by_seed in runs.items():
+    for t, by_seed in ((t, r.seeds) for t, r in res.types.items()):
         out[t] = {k: {x: [] for x in TARGETS} for k in KINDS}
         for seed in res.seeds:
             rand, rec = res.types["random"].seeds[seed], by_seed[seed]
@@ -172,12 +175,12 @@ def plot_size(res: SizeResult, table: dict, path: Path) -> None:
     ax_a.set(title="copy asymmetry (1 - clone similarity)", xlabel="wide-model tokens")
     ax_a.legend(fontsize=7)
     for ax, k in zip(bottom, KINDS):
-        for t in [*res.types, "continued"]:
+        for t in res.types:
             s = [stats(table[t][k][x]) for x in TARGETS]
             ys = [v["mean"] if v["mean"] not in (None, math.inf) else math.nan for v in s]
             err = [v["std"] or 0.0 for v in s]
             ax.errorbar([100 * x for x in TARGETS], ys, yerr=err, marker="o", capsize=3, color=colors[t],
-                        label=LABELS[t], ls="--" if t == "continued" else "-")
+                        label=LABELS[t])
         ax.axhline(1, color="k", lw=0.5)
         if k != "with_s_tokens":
             ax.axhline(GOAL_AS_IS if k == "as_is" else GOAL_FLOPS, color="green", ls=":", label="goal")
@@ -225,12 +228,15 @@ def size_lines(res: SizeResult, table: dict) -> list[str]:
     size, small = res.size, res.small
     late = [v for s, v in zip(small["steps"], small["loss"]) if s >= 0.8 * small["steps_run"]]
     n, tps = size.wide_iters, small["tokens_per_step"]
+    at_widening = stats([r["loss"][0] for t, tr in res.types.items() if t != "random" for r in tr.seeds.values()])
     lines = [f"### {size.name}: S d={size.small['hidden_size']} -> wide d={size.wide['hidden_size']}", "",
              f"S: {small['num_params']:,} parameters, {small['steps_run']} steps ({small['steps_run'] * tps:,} tokens) "
              f"at lr {size.small_lr:g}, held-out {small['loss'][0]:.4f} -> {small['loss'][-1]:.4f}, over its last "
              f"20% of steps {late[0] - late[-1]:.4f} ({(late[0] - late[-1]) / late[0]:.2%}). Wide: "
              f"{res.types['random'].seeds[res.seeds[0]]['num_params']:,} parameters, {n} steps ({n * tps:,} tokens), "
-             f"seeds {', '.join(map(str, res.seeds))}. S continued ends at {res.continued['loss'][-1]:.4f}.", "",
+             f"seeds {', '.join(map(str, res.seeds))}. At the widening the clones are at {fmt(at_widening, 4)} on the "
+             f"wide runs' held-out batches; S continued (on S's) goes from {small['loss'][-1]:.4f} to "
+             f"{res.continued['loss'][-1]:.4f} in the same number of steps.", "",
              "| run type | peak lr sweep, seed 0 (lr: final loss) | best lr, warmup | final loss |",
              "|---|---|---|---|"]
     for t, tr in res.types.items():
