@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megaclone.config import ModelConfig, RunConfig, load_run_config  # noqa: E402
+from megaclone.spec import num_params  # noqa: E402
 from megaclone.train.optim import lr_factor  # noqa: E402  (a scalar schedule: shared so both use the same lr)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -301,7 +302,7 @@ def bench_config(name: str, num_steps: int, rounds: int, overrides: list[str], p
             wall[label].append(w)
             cpu[label].append(c)
     tokens = num_steps * b * s * accum  # per round
-    result = {"config": name, "params": cfg.model.num_params(), "layers": cfg.model.num_layers,
+    result = {"config": name, "params": num_params(cfg.model), "layers": cfg.model.num_layers,
               "hidden": cfg.model.hidden_size, "vocab": cfg.model.vocab_size, "batch": b, "seq": s, "accum": accum,
               "threads": torch.get_num_threads(), "steps": num_steps, "rounds": rounds,
               "tokens_per_s": {label: tokens / statistics.median(t) for label, t in wall.items()},

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from megaclone.checkpoint.manifest import atomic_write_text  # noqa: E402
 from megaclone.config import ModelConfig, RunConfig, load_run_config  # noqa: E402
 from megaclone.model import GPT, global_named_parameters  # noqa: E402
-from megaclone.spec import build_param_specs  # noqa: E402
+from megaclone.spec import build_param_specs, num_params  # noqa: E402
 from megaclone.train.optim import build_optimizer  # noqa: E402
 
 H100_PEAK_BF16 = 989e12  # dense bf16 FLOP/s, H100 SXM and H200 alike
@@ -165,7 +165,7 @@ def bench_config(path: Path, args: argparse.Namespace, device: torch.device, use
     tokens_per_s = args.steps * b * s * accum / seconds
     result = {"config": str(path), "engine": "deepspeed" if use_deepspeed else "torch", "compile": args.compile,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "params": cfg.model.num_params(), "matmul_params": matmul_params(cfg.model),
+              "params": num_params(cfg.model), "matmul_params": matmul_params(cfg.model),
               "layers": cfg.model.num_layers, "hidden": cfg.model.hidden_size, "vocab": cfg.model.vocab_size,
               "micro_batch": b, "seq": s, "grad_accum": accum, "steps": args.steps,
               "step_time": seconds / args.steps, "tokens_per_s": tokens_per_s,

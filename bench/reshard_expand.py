@@ -142,7 +142,8 @@ def child_convert(a: argparse.Namespace) -> dict:
     start, cpu0 = time.perf_counter(), cpu_seconds()
     report = convert_checkpoint(ConvertOptions(input=Path(a.input), output=Path(a.output), tp_size=a.tp,
                                                pp_size=a.pp, hyperclone=a.hyperclone, clone_noise_db=a.noise_db,
-                                               workers=a.workers, progress=False, overwrite=True))
+                                               workers=a.workers, progress=False, overwrite=True,
+                                               direct_io=not a.buffered))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "out_bytes": weight_bytes(report.output),
             "rss_mib": vm_hwm_mib(),
@@ -277,11 +278,17 @@ def measure_size(work: Path, hidden: int, layers: int, a: argparse.Namespace, re
     for label, job in jobs:
         row: dict = {"hidden": hidden, "layers": layers, "in_bytes": in_bytes, "job": label}
         runs: dict[str, list[dict]] = {"convert": [], "copy": [], "copy_nosync": []}
+        if a.compare_buffered:
+            runs["convert_buffered"] = []
         for rep in range(a.repeat):  # alternate, so that load on the machine hits all alike
             r = run_child("convert", a.settle, input=src, output=work / "out", workers=1, **job)
             runs["convert"].append(r)
             sizes = [p.stat().st_size for p in sorted((work / "out").rglob("weights/*.safetensors"))]
             drop(work / "out")
+            if a.compare_buffered:  # the same conversion through the page cache (--no-direct-io)
+                runs["convert_buffered"].append(run_child("convert", a.settle, input=src, output=work / "out",
+                                                          workers=1, buffered=1, **job))
+                drop(work / "out")
             for kind, fsync in (("copy", 1), ("copy_nosync", 0)):
                 runs[kind].append(run_child("copy", a.settle, input=src, output=work / "copy",
                                             out_sizes=json.dumps(sizes), fsync=fsync))
@@ -293,6 +300,8 @@ def measure_size(work: Path, hidden: int, layers: int, a: argparse.Namespace, re
             row[f"{kind}_rss_mib"] = max(r["rss_mib"] for r in rs)
             row[f"{kind}_cpu_s"] = statistics.median(r["cpu_s"] for r in rs)
         row["ratio"] = row["convert_s"] / row["copy_s"]
+        if a.compare_buffered:
+            row["ratio_buffered"] = row["convert_buffered_s"] / row["copy_s"]
         row["ratio_nosync"] = row["convert_s"] / row["copy_nosync_s"]
         row["out_bytes"] = runs["convert"][0]["out_bytes"]
         row["read_bytes"] = runs["convert"][0]["read_bytes"]
@@ -319,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="also time --workers K (0 or 1: skip)")
     p.add_argument("--reshard", action="store_true", help="time plain resharding at every size, not only the largest")
     p.add_argument("--skip-gather", action="store_true")
+    p.add_argument("--compare-buffered", action="store_true",
+                   help="also time each conversion writing through the page cache (--no-direct-io), alternated")
     p.add_argument("--rng-speed", action="store_true", help="only time the noise generator (one thread) and exit")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -332,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pp", type=int)
     p.add_argument("--hyperclone", type=int, default=0)
     p.add_argument("--noise-db", type=float, default=None, help="widen with zero-sum noise at this SNR")
+    p.add_argument("--buffered", type=int, default=0, help="child: convert with direct_io=False")
     p.add_argument("--out-sizes")
     p.add_argument("--fsync", type=int, default=1)
     p.add_argument("--start-at", type=float, default=None)
@@ -361,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ratio']:.2f} | {r['copy_nosync_s']:.2f} | {r['ratio_nosync']:.2f} | "
               f"{r.get('convert_workers_s', nan):.2f} | {r['convert_rss_mib']:.0f} | "
               f"{r.get('gather_s', nan):.2f} ({r.get('gather_cpu_s', nan):.1f}) | {r.get('gather_rss_mib', nan):.0f} |")
+    for r in results if a.compare_buffered else []:
+        print(f"{r['job']} (d={r['hidden']}) through the page cache (--no-direct-io): {r['convert_buffered_s']:.2f} s "
+              f"({r['convert_buffered_cpu_s']:.1f} CPU s), ratio {r['ratio_buffered']:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"floor_rss_mib": floor["rss_mib"], "settle_s": a.settle,
                                             "noise_db": a.noise_db, "results": results}, indent=1))

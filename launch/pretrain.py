@@ -6,9 +6,13 @@
     deepspeed --num_gpus 2 launch/pretrain.py --init-from runs/tiny/ckpt --hyperclone 2 --clone-noise-db 10
 """
 
+import os
 import sys
 from pathlib import Path
 
+RANK = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+if RANK == "0" and not {"-h", "--help"} & set(sys.argv):  # the imports below take seconds: say something first
+    print("pretrain.py: starting (torch and DeepSpeed load first)", flush=True)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from megaclone.train.run import main  # noqa: E402

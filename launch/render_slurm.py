@@ -22,11 +22,38 @@ TEMPLATE = REPO / "launch" / "slurm.sbatch"
 MARKER = re.compile(r"\{\{(\w+)\}\}")
 
 
+def _option(args: list[str], flag: str) -> str | None:
+    """The value of `flag` in pretrain.py's arguments (`--flag V` or `--flag=V`; the last one wins), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def requeue_args(pretrain_args: list[str]) -> list[str]:
+    """pretrain.py's arguments for a job that may run again: `--load` must name the `--save` root (added when
+    absent), so that every start resumes the job's own last checkpoint, or starts afresh before the first one."""
+    save, load = _option(pretrain_args, "--save"), _option(pretrain_args, "--load")
+    if not save:
+        raise ValueError("--requeue needs --save DIR among pretrain.py's arguments: a requeued job resumes from there")
+    if load is None:
+        return [*pretrain_args, "--load", save]
+    if Path(load) != Path(save):
+        raise ValueError(f"--requeue: --load {load} must be the --save root {save}: a requeued job resumes its own "
+                         f"last checkpoint, not {load} again")
+    return list(pretrain_args)
+
+
 def render_slurm(template: str, *, nodes: int, gpus_per_node: int, pretrain_args: list[str],
                  job_name: str = "megaclone", time: str = "24:00:00", cpus_per_task: int | None = None,
                  partition: str | None = None, account: str | None = None, log_dir: str = "logs",
-                 workdir: str | None = None, collective_timeout: float = 1800.0, repo: str | Path = REPO) -> str:
-    """The sbatch script for this job; raises ValueError naming the option when a value is unusable."""
+                 workdir: str | None = None, collective_timeout: float = 1800.0, requeue: int = 0,
+                 repo: str | Path = REPO) -> str:
+    """The sbatch script for this job; raises ValueError naming the option when a value is unusable.
+    `requeue`: how many times the job may put itself back in the queue after a node failure (0: never)."""
     if nodes < 1:
         raise ValueError(f"--nodes={nodes} must be >= 1")
     if gpus_per_node < 1:
@@ -40,13 +67,19 @@ def render_slurm(template: str, *, nodes: int, gpus_per_node: int, pretrain_args
     for name, value in (("--partition", partition), ("--account", account), ("--log-dir", log_dir)):
         if value is not None and (not value or re.search(r"\s", value)):
             raise ValueError(f"{name}={value!r} must be non-empty and contain no whitespace")
-    extra = [f"#SBATCH --partition={partition}" if partition else "", f"#SBATCH --account={account}" if account else ""]
+    if requeue < 0:
+        raise ValueError(f"--requeue={requeue} must be >= 0")
+    if requeue:
+        pretrain_args = requeue_args(pretrain_args)
+    extra = [f"#SBATCH --partition={partition}" if partition else "", f"#SBATCH --account={account}" if account else "",
+             "#SBATCH --requeue" if requeue else ""]
     fields = {
         "nodes": str(nodes), "gpus_per_node": str(gpus_per_node), "job_name": job_name, "time": time,
         "cpus_per_task": str(cpus_per_task or 8 * gpus_per_node), "log_dir": log_dir,
         "sbatch_extra": "\n".join(line for line in extra if line) or "# (no partition or account given)",
         "workdir": shlex.quote(str(Path(workdir or os.getcwd()).resolve())), "repo": shlex.quote(str(repo)),
         "collective_timeout": f"{collective_timeout:g}", "pretrain_args": shlex.join(pretrain_args),
+        "max_requeues": str(requeue),
     }
     unknown = sorted(set(MARKER.findall(template)) - set(fields))
     if unknown:
@@ -67,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="directory the job runs in and relative paths refer to (default: here)")
     p.add_argument("--collective-timeout", type=float, default=1800.0,
                    help="seconds a rank waits for a dead or hung peer (MEGACLONE_COLLECTIVE_TIMEOUT)")
+    p.add_argument("--requeue", type=int, default=0, metavar="N",
+                   help="after a node failure (exit 75) requeue the job, up to N times, resuming from --save "
+                        "(--load DIR is added; default 0: never)")
     p.add_argument("--template", type=Path, default=TEMPLATE)
     p.add_argument("--output", type=Path, help="write the script here (default: stdout)")
     p.add_argument("pretrain_args", nargs=argparse.REMAINDER, help="-- then launch/pretrain.py's arguments")
@@ -78,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         script = render_slurm(args.template.read_text(), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                               pretrain_args=pretrain_args, job_name=args.job_name, time=args.time,
                               cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
-                              log_dir=args.log_dir, workdir=args.workdir, collective_timeout=args.collective_timeout)
+                              log_dir=args.log_dir, workdir=args.workdir, collective_timeout=args.collective_timeout,
+                              requeue=args.requeue)
     except (ValueError, FileNotFoundError) as e:
         print(f"render_slurm.py: error: {e}", file=sys.stderr)
         return 2
@@ -92,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.output)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"wrote {args.output}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s); submit with sbatch {args.output}")
+    requeues = f", requeued after a node failure up to {args.requeue} times" if args.requeue else ""
+    print(f"wrote {args.output}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s){requeues}; submit with sbatch "
+          f"{args.output}")
     return 0
 
 

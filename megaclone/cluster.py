@@ -24,7 +24,7 @@ import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -244,29 +244,41 @@ def init_process_group(env: ClusterEnv) -> None:
     import torch
 
     export_cluster_env(env)
+    timeout = collective_timeout()
+    skip_deepspeed_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
-                               timeout=collective_timeout())
-    release_deepspeed_shm()
+                               timeout=timeout)
+    use_timeout_for_new_groups(timeout)
 
 
-def release_deepspeed_shm() -> None:
-    """Unlink this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer, once every rank has mapped it.
+def use_timeout_for_new_groups(timeout: timedelta) -> None:
+    """Give every process group created from now on `timeout`, as the default group has.
 
-    DeepSpeed's CPU communication op creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
-    (67 MB) per rank at init and never unlinks it, so each CPU launch left 67 MB per rank in RAM-backed /dev/shm
-    after exit: a test suite or a benchmark of many launches filled a 24 GB machine and was OOM-killed. The
-    mappings stay valid after the unlink; the memory goes when the last process using it exits.
+    torch gives a group made by `new_group` without a timeout its module default (30 min for gloo, 10 for NCCL),
+    not the default group's. megaclone's layout groups, DeepSpeed's pipeline grid and its own groups are all made
+    that way, so a peer that hangs in a data-parallel or pipeline collective held the others for half an hour.
     """
-    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_world_size() > 1:
-        dist.barrier()  # every rank has opened its peers' buffers inside DeepSpeed's init
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    with suppress(FileNotFoundError):
-        os.unlink(Path("/dev/shm") / name)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+DEEPSPEED_SHM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Mark DeepSpeed's CPU shared-memory communication op unavailable, so `deepspeed.init_distributed` never builds
+    or loads it.
+
+    On a CPU machine init_distributed compiled that op (25-29 s, on every launch where the compiled copy was not
+    found) and gave every rank a 67 MB /dev/shm buffer that it never unlinked. The op serves only DeepSpeed's
+    `inference_all_reduce` (its inference kernels); training's collectives go through torch.distributed, gloo on
+    CPU, either way. `deepspeed.ops.__compatible_ops__` is the one dict DeepSpeed consults before building it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[DEEPSPEED_SHM_OP] = False
 
 
 # ---------------------------------------------------------------------------------------------- placement
@@ -480,33 +492,6 @@ def check_same_checkpoint(step_dir: str | Path, step: int) -> None:
         seen = "; ".join(sorted({f"step {s} ({path} on {host})" for s, path, host in found}))
         raise CheckpointError(f"--load: ranks resolved different checkpoints: {seen}. A save was interrupted on some "
                               f"node; pass --load ROOT/step_XXXXXXXX of a step that every node holds")
-
-
-def hash_node_files(step_dir: Path, report: ClusterReport, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Collective, after every rank has written its files: the ranks of each node hash a share of their node's
-    copy of `step_dir`. Returns (this node's files, every node's files merged) as {relative path: digest}; a
-    file that two nodes both hold (replicated weights and model states) must be byte-identical."""
-    import torch.distributed as dist
-
-    from megaclone.checkpoint import CheckpointError, file_digest
-
-    node = report.node_of(rank)
-    ranks = report.nodes[node]["ranks"]
-    names = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
-                   if p.is_file() and p.name != NODE_INVENTORY_NAME)
-    mine = {rel: file_digest(step_dir / rel) for rel in names[ranks.index(rank)::len(ranks)]}
-    gathered: list[Any] = [None] * report.world_size
-    dist.all_gather_object(gathered, (node, mine))
-    own: dict[str, Any] = {}
-    union: dict[str, Any] = {}
-    for n, digests in sorted(gathered, key=lambda g: g[0]):
-        for rel, entry in digests.items():
-            if n == node:
-                own[rel] = entry
-            if union.setdefault(rel, entry) != entry:
-                raise CheckpointError(f"node-local checkpoint {step_dir}: the copies of {rel} on different nodes "
-                                      f"differ (sha256 {union[rel]['sha256'][:12]} vs {entry['sha256'][:12]})")
-    return own, union
 
 
 def write_node_inventory(step_dir: Path, report: ClusterReport, rank: int, step: int,

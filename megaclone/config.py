@@ -10,6 +10,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ class ConfigError(ValueError):
     """A user's configuration mistake: names the key (and file) and the constraint."""
 
 
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # real vocabulary; 0 means "take it from the tokenizer"
@@ -30,8 +34,10 @@ class ModelConfig:
     num_heads: int = 4
     num_query_groups: int | None = None  # None: MHA (= num_heads); 1: MQA
     head_size: int | None = None  # None: hidden_size // num_heads
-    ffn_size: int | None = None  # None: 4 * hidden (gelu) or 8/3 * hidden rounded to 64 (swiglu)
-    activation: str = "gelu"  # gelu (tanh approximation, GPT-2's gelu_new) | gelu_exact (erf) | swiglu
+    ffn_size: int | None = None  # None: 4 * hidden, or 8/3 * hidden rounded to 64 when gated
+    # gelu (tanh approximation, GPT-2's gelu_new) | gelu_exact (erf) | relu | swiglu (silu(gate) * up)
+    # | geglu (tanh-gelu(gate) * up, Gemma)
+    activation: str = "gelu"
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     position: str = "rope"  # rope | learned
@@ -51,6 +57,17 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max_seq_len: int = 8192  # llama3: the context length of the original pretraining
+    # Options of OPT, OLMo (1 and 2) and Gemma (docs/hf.md); the defaults are again the original architecture.
+    # pre: x + f(norm(x)) | post: norm(x + f(x)) (OPT-350m) | branch: x + norm(f(x)), the norm on the output (OLMo-2)
+    norm_placement: str = "pre"
+    final_norm: bool = True  # a norm before the LM head (OPT's post-norm models have none)
+    norm_affine: bool = True  # False: norms without weight or bias (OLMo's LayerNorm)
+    norm_unit_offset: bool = False  # the gain is 1 + weight, so weight 0 is the identity (Gemma's RMSNorm)
+    qk_norm: bool = False  # norm q and k over all heads (the whole projection output) before rope (OLMo-2)
+    scale_embeddings: bool = False  # token embeddings times sqrt(hidden_size) (Gemma)
+    position_offset: int = 0  # learned positions: position p reads row p + offset (OPT: 2)
+    embed_size: int | None = None  # token embedding width; None: hidden_size. Otherwise project_in and
+    # project_out (no bias) map it to and from the hidden size (OPT's word_embed_proj_dim)
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -63,15 +80,16 @@ class ModelConfig:
                 )
             self.head_size = self.hidden_size // self.num_heads
         if self.ffn_size is None:
-            if self.activation == "swiglu":
+            if self.activation in GATED_ACTIVATIONS:
                 self.ffn_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
             else:
                 self.ffn_size = 4 * self.hidden_size
         self.validate()
 
     def validate(self) -> None:
-        choices = {"activation": ("gelu", "gelu_exact", "swiglu"), "norm": ("layernorm", "rmsnorm"),
-                   "position": ("rope", "learned"), "rope_scaling": ("none", "linear", "llama3")}
+        choices = {"activation": ("gelu", "gelu_exact", "relu", *GATED_ACTIVATIONS), "norm": ("layernorm", "rmsnorm"),
+                   "position": ("rope", "learned"), "rope_scaling": ("none", "linear", "llama3"),
+                   "norm_placement": ("pre", "post", "branch")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}: expected one of {allowed}")
@@ -92,6 +110,20 @@ class ModelConfig:
         for key in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
+        self._validate_family_options()
+
+    def _validate_family_options(self) -> None:
+        if self.embed_size is not None and self.embed_size <= 0:
+            raise ConfigError(f"model.embed_size={self.embed_size} must be a positive integer (or unset: hidden_size)")
+        if self.parallel_residual and self.norm_placement != "pre":
+            raise ConfigError(f"model.parallel_residual=True needs model.norm_placement='pre', got "
+                              f"{self.norm_placement!r}")
+        if self.norm_unit_offset and not self.norm_affine:
+            raise ConfigError("model.norm_unit_offset=True needs model.norm_affine=True (a gain 1 + weight needs the "
+                              "weight)")
+        if self.position_offset < 0 or (self.position_offset and self.position != "learned"):
+            raise ConfigError(f"model.position_offset={self.position_offset} must be >= 0, and non-zero only with "
+                              f"model.position='learned' (got {self.position!r})")
 
     def _validate_rope(self) -> None:
         if self.position != "rope":
@@ -119,6 +151,21 @@ class ModelConfig:
         return int(self.head_size * self.rope_fraction)
 
     @property
+    def gated(self) -> bool:
+        """A gated MLP: act(gate) * up, with the fused gate/up weight."""
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of the token embedding (and of the tied or untied unembedding)."""
+        return self.hidden_size if self.embed_size is None else self.embed_size
+
+    @property
+    def has_projections(self) -> bool:
+        """project_in / project_out exist: the token embedding is narrower or wider than the hidden size."""
+        return self.embedding_size != self.hidden_size
+
+    @property
     def has_qkv_bias(self) -> bool:
         return self.bias if self.qkv_bias is None else self.qkv_bias
 
@@ -129,12 +176,6 @@ class ModelConfig:
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_query_groups
-
-    def num_params(self) -> int:
-        """Total parameter count, padded vocabulary included."""
-        from megaclone.spec import build_param_specs
-
-        return sum(math.prod(s.shape) for s in build_param_specs(self))
 
 
 @dataclass
@@ -231,6 +272,7 @@ class CheckpointConfig:
     save_interval: int = 0  # steps; 0: only at the end
     load: str = ""  # resume exactly from this directory
     keep_last: int = 0  # 0: keep all
+    overwrite: bool = False  # save into a root of another model, or over a step directory that exists
 
 
 # What `--hyperclone N` uses when neither the flags nor the config name a variant or a noise level: the best of
@@ -238,6 +280,23 @@ class CheckpointConfig:
 # clone, the reference the library and its tests build on.
 HYPERCLONE_DEFAULTS = {"variant": "diagonal", "noise_db": 0.0}
 NO_NOISE = "none"  # what --clone-noise-db takes to turn the default noise off
+GROW_METHODS = ("zero", "stack", "interleave")  # --grow-method (megaclone.clone.depth)
+
+
+def parse_factor(minimum: int) -> Callable[[str], int]:
+    """An argparse type for a widening factor (--hyperclone N, --hyperclone-ffn M): an integer >= `minimum`."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def parse_noise_db(text: str) -> float | str:
@@ -254,8 +313,11 @@ def parse_noise_db(text: str) -> float | str:
 @dataclass
 class CloneConfig:
     init_from: str = ""  # small checkpoint directory
-    factor: int = 0  # n: hidden width, heads and query groups; 0: no cloning
+    factor: int = 0  # n: hidden width and heads; 0: no widening (1: keep the width, e.g. FFN-only or depth growth)
     ffn_factor: int | None = None  # m: FFN width; None: n
+    groups_factor: int | None = None  # g: query groups (KV heads), divides n; None: n
+    grow_layers: int = 0  # target number of layers (> the source's); 0: keep the depth
+    grow_method: str = "zero"  # zero (new identity blocks, lossless) | stack | interleave
     variant: str = "symmetric"  # symmetric | diagonal
     noise_db: float | None = None  # zero-sum noise at this SNR; None: no noise
     seed: int = 0
@@ -264,20 +326,48 @@ class CloneConfig:
     schedule: str = "continue"  # carry: continue the run's schedule at the small run's step, or restart it there
     data: str | None = None  # continue: read on from the small run's data position | restart: from the start;
     # None: continue with carry (a continuation of training), restart with fresh (a new run, the paper's recipe)
+    eval_at_start: bool = True  # evaluate the widened model on the held-out batches before the first step
 
     @property
     def continues_data(self) -> bool:
         return (self.data or ("continue" if self.optimizer == "carry" else "restart")) == "continue"
 
+    @property
+    def active(self) -> bool:
+        """The run starts from a grown copy of `init_from` (wider, deeper or both)."""
+        return bool(self.factor or self.grow_layers)
+
     def validate(self) -> None:
-        if self.factor and not self.init_from:
-            raise ConfigError("clone.factor (--hyperclone) needs clone.init_from (--init-from)")
-        if self.factor == 0:
+        if self.active and not self.init_from:
+            raise ConfigError("clone.factor (--hyperclone) and clone.grow_layers (--grow-layers) need clone.init_from "
+                              "(--init-from)")
+        if self.grow_layers < 0:
+            raise ConfigError(f"clone.grow_layers (--grow-layers) = {self.grow_layers}: expected the target number of "
+                              "layers, or 0 to keep the depth")
+        if not self.active:
             return
-        if self.factor < 2:
-            raise ConfigError(f"clone.factor (--hyperclone) = {self.factor}: expected an integer >= 2")
+        if self.factor < 0 or (self.factor == 0 and not self.grow_layers):
+            raise ConfigError(f"clone.factor (--hyperclone) = {self.factor}: expected an integer >= 1")
+        n = self.factor or 1
         if self.ffn_factor is not None and self.ffn_factor < 1:
             raise ConfigError(f"clone.ffn_factor (--hyperclone-ffn) = {self.ffn_factor}: expected an integer >= 1")
+        if self.groups_factor is not None and (self.groups_factor < 1 or n % self.groups_factor):
+            raise ConfigError(f"clone.groups_factor (--hyperclone-groups) = {self.groups_factor}: expected a divisor "
+                              f"of clone.factor (--hyperclone) = {n}")
+        if n == 1 and (self.ffn_factor or 1) == 1 and not self.grow_layers:
+            raise ConfigError("clone.factor (--hyperclone) = 1 keeps the width: give clone.ffn_factor "
+                              "(--hyperclone-ffn M >= 2) or clone.grow_layers (--grow-layers N), or nothing grows")
+        if self.grow_method not in GROW_METHODS:
+            raise ConfigError(f"clone.grow_method (--grow-method) = {self.grow_method!r}: expected one of "
+                              f"{GROW_METHODS}")
+        if self.grow_method != "zero" and not self.grow_layers:
+            raise ConfigError(f"clone.grow_method (--grow-method) = {self.grow_method!r} needs clone.grow_layers "
+                              "(--grow-layers L): the depth is kept")
+        if self.optimizer == "carry" and self.groups_factor not in (None, n):
+            raise ConfigError(f"clone.optimizer (--hyperclone-optimizer) = 'carry' with clone.groups_factor "
+                              f"(--hyperclone-groups) = {self.groups_factor} < {n}: the k and v rows of a query group "
+                              f"then have {self.groups_factor} copies and its q rows {n}, so Adam's eps would need two "
+                              "values inside one tensor; use the fresh optimizer")
         if self.variant not in ("symmetric", "diagonal"):
             raise ConfigError(f"clone.variant={self.variant!r}: expected 'symmetric' or 'diagonal'")
         if self.optimizer not in ("fresh", "carry"):
@@ -330,9 +420,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-
-
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check a YAML value against a field's type; YAML 1.1 reads `3e-4` as a string, so floats may be text."""
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
@@ -369,14 +456,17 @@ def model_config_from_dict(values: dict[str, Any], where: str = "model") -> Mode
     return _build(ModelConfig, dict(values), where)
 
 
+_SECTION_CLASSES = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
+                    "checkpoint": CheckpointConfig, "clone": CloneConfig}
+_TOP_LEVEL_KEYS = sorted(_SECTION_CLASSES) + ["run_dir"]
+
+
 def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
-    sections = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
-                "data": DataConfig, "checkpoint": CheckpointConfig, "clone": CloneConfig}
-    unknown = sorted(set(values) - set(sections) - {"run_dir"})
+    unknown = sorted(set(values) - set(_TOP_LEVEL_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; known: {sorted(sections) + ['run_dir']}")
+        raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; known: {_TOP_LEVEL_KEYS}")
     built = {}
-    for name, cls in sections.items():
+    for name, cls in _SECTION_CLASSES.items():
         section = values.get(name) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{where}: '{name}' must be a mapping, got {type(section).__name__}")
@@ -384,8 +474,46 @@ def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunCo
     return RunConfig(**built, run_dir=_coerce(values.get("run_dir", "runs/default"), str, f"{where}: run_dir"))
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
+    """A YAML syntax error as `where:LINE:COLUMN: problem` (1-based, like an editor's)."""
+    mark = getattr(e, "problem_mark", None)
+    at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return ConfigError(f"{where}{at}: YAML syntax error: {problem}" + (f" ({context})" if context else ""))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (empty file: {}); a syntax error names the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(path), e) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
+
+
+def _parse_value(text: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"--set {item!r}", e) from None
+
+
+def _check_override_key(item: str, parts: list[str]) -> None:
+    """An unknown key in `--set` is the flag's mistake: name it (not the config file it would have gone into)."""
+    if parts == ["run_dir"]:
+        return
+    if parts[0] not in _SECTION_CLASSES:
+        raise ConfigError(f"--set {item}: unknown section {parts[0]!r}; known: {_TOP_LEVEL_KEYS}")
+    known = sorted(f.name for f in dataclasses.fields(_SECTION_CLASSES[parts[0]]))
+    if len(parts) != 2 or parts[1] not in known:
+        raise ConfigError(f"--set {item}: unknown key {'.'.join(parts[1:])!r} in section '{parts[0]}'; known keys: "
+                          f"{known}")
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -395,12 +523,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        _check_override_key(item, parts)
         node = values
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(text)
+        node[parts[-1]] = _parse_value(text, item)
     return values
 
 
@@ -409,13 +538,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     values: dict[str, Any] = {}
     where = "config"
     if path:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        values = read_yaml_mapping(path)
     values = apply_overrides(values, overrides or [])
     try:
         return run_config_from_dict(values, where)

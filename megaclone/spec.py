@@ -10,6 +10,8 @@ Axis kinds:
           query heads' columns (attn_out); split by TP, widened by n
   ffn     FFN units; a unit is 1 row (mlp_in, mlp_out) or 2 rows [gate, up] (mlp_gate_up); split by
           TP, widened by m
+  embed   the token embedding width when it differs from the hidden size (OPT's word_embed_proj_dim);
+          never split, widened by n like the hidden axis
   vocab   padded vocabulary; split by TP, never widened
   seq     positions of a learned position embedding; never split, never widened
 
@@ -26,10 +28,12 @@ from megaclone.config import ModelConfig
 
 # The module path of every parameter slot: global names are "<path>.weight" / "<path>.bias", with
 # "blocks.<i>." in front inside block i. Code outside this module spells names only through `param_name`.
-SLOT_PATHS = {"embedding": "embedding.word", "pos_embedding": "embedding.position", "attn_norm": "attn_norm",
-              "qkv": "attn.qkv", "attn_out": "attn.out", "mlp_norm": "mlp_norm", "mlp_in": "mlp.fc_in",
-              "mlp_gate_up": "mlp.gate_up", "mlp_out": "mlp.fc_out", "final_norm": "final_norm", "lm_head": "lm_head"}
-BLOCK_SLOTS = ("attn_norm", "qkv", "attn_out", "mlp_norm", "mlp_in", "mlp_gate_up", "mlp_out")
+SLOT_PATHS = {"embedding": "embedding.word", "pos_embedding": "embedding.position",
+              "project_in": "embedding.project_in", "attn_norm": "attn_norm", "qkv": "attn.qkv",
+              "q_norm": "attn.q_norm", "k_norm": "attn.k_norm", "attn_out": "attn.out", "mlp_norm": "mlp_norm",
+              "mlp_in": "mlp.fc_in", "mlp_gate_up": "mlp.gate_up", "mlp_out": "mlp.fc_out", "final_norm": "final_norm",
+              "project_out": "project_out", "lm_head": "lm_head"}
+BLOCK_SLOTS = ("attn_norm", "qkv", "q_norm", "k_norm", "attn_out", "mlp_norm", "mlp_in", "mlp_gate_up", "mlp_out")
 
 
 def param_name(slot: str, block: int | None = None, bias: bool = False) -> str:
@@ -42,14 +46,23 @@ def param_name(slot: str, block: int | None = None, bias: bool = False) -> str:
     return f"{prefix}{SLOT_PATHS[slot]}.{'bias' if bias else 'weight'}"
 
 
-ROLES = ("embedding", "pos_embedding", "qkv", "attn_out", "mlp_in", "mlp_gate_up", "mlp_out",
-         "norm", "final_norm", "lm_head")
+def in_block(name: str, block: int) -> str:
+    """The same parameter of another block: ("blocks.5.attn.qkv.weight", 2) -> "blocks.2.attn.qkv.weight"."""
+    prefix, index, rest = (name.split(".", 2) + ["", ""])[:3]
+    if prefix != "blocks" or not index.isdigit() or not rest:
+        raise ValueError(f"{name!r} is not a parameter of a block (expected 'blocks.<i>.<slot path>.weight|bias')")
+    return f"blocks.{block}.{rest}"
+
+
+ROLES = ("embedding", "pos_embedding", "project_in", "qkv", "qk_norm", "attn_out", "mlp_in", "mlp_gate_up",
+         "mlp_out", "norm", "final_norm", "project_out", "lm_head")
+NORM_ROLES = ("norm", "qk_norm", "final_norm")
 SPLIT_KINDS = ("groups", "ffn", "vocab")
 
 
 @dataclass(frozen=True)
 class Axis:
-    kind: str  # hidden | groups | ffn | vocab | seq
+    kind: str  # hidden | embed | groups | ffn | vocab | seq
     num_units: int
     unit_size: int = 1
 
@@ -64,7 +77,8 @@ class ParamSpec:
     role: str  # one of ROLES
     is_bias: bool
     axes: tuple[Axis, ...]
-    layer: int  # pipeline layer (DeepSpeed's numbering): 0 embedding, 1..L blocks, L+1 final norm, L+2 lm_head
+    layer: int  # pipeline layer (DeepSpeed's numbering): 0 embedding, 1..L blocks, L+1 final norm and project_out,
+    # L+2 lm_head
     tp_axis: int | None  # the axis split across TP ranks, None when replicated
 
     @property
@@ -130,10 +144,11 @@ def build_param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """All parameters of the model in a fixed order (pipeline layer, then module order)."""
     d, L = cfg.hidden_size, cfg.num_layers
     hidden = Axis("hidden", d)
+    embed = Axis("embed", cfg.embedding_size) if cfg.has_projections else hidden
     vocab = Axis("vocab", cfg.padded_vocab_size)
     qkv_units = Axis("groups", cfg.num_query_groups, (cfg.heads_per_group + 2) * cfg.head_size)
     out_units = Axis("groups", cfg.num_query_groups, cfg.heads_per_group * cfg.head_size)
-    gated = cfg.activation == "swiglu"
+    gated = cfg.gated
     ffn_in = Axis("ffn", cfg.ffn_size, 2 if gated else 1)
     ffn_out = Axis("ffn", cfg.ffn_size)
     specs: list[ParamSpec] = []
@@ -144,19 +159,29 @@ def build_param_specs(cfg: ModelConfig) -> list[ParamSpec]:
         if bias_axis is not None and (cfg.bias if has_bias is None else has_bias):
             specs.append(ParamSpec(name + ".bias", role, True, (bias_axis,), layer, 0 if bias_tp else None))
 
-    def add_norm(name: str, role: str, layer: int) -> None:
-        specs.append(ParamSpec(name + ".weight", role, False, (hidden,), layer, None))
+    def add_norm(name: str, role: str, layer: int, axis: Axis = hidden) -> None:
+        if not cfg.norm_affine:  # a norm without parameters has no rows
+            return
+        tp_axis = 0 if axis.kind in SPLIT_KINDS else None
+        specs.append(ParamSpec(name + ".weight", role, False, (axis,), layer, tp_axis))
         if cfg.norm == "layernorm":
-            specs.append(ParamSpec(name + ".bias", role, True, (hidden,), layer, None))
+            specs.append(ParamSpec(name + ".bias", role, True, (axis,), layer, tp_axis))
 
-    add("embedding.word", "embedding", (vocab, hidden), 0, 0)
+    add("embedding.word", "embedding", (vocab, embed), 0, 0)
     if cfg.position == "learned":
-        add("embedding.position", "pos_embedding", (Axis("seq", cfg.max_seq_len), hidden), 0, None)
+        add("embedding.position", "pos_embedding", (Axis("seq", cfg.max_seq_len + cfg.position_offset), hidden), 0,
+            None)
+    if cfg.has_projections:
+        add("embedding.project_in", "project_in", (hidden, embed), 0, None)
     for i in range(L):
         p, layer = f"blocks.{i}", i + 1
         add_norm(f"{p}.attn_norm", "norm", layer)
         add(f"{p}.attn.qkv", "qkv", (qkv_units, hidden), layer, 0, qkv_units, bias_tp=True,
             has_bias=cfg.has_qkv_bias)
+        if cfg.qk_norm:  # over all q heads / all k heads; a unit is one group's q heads / its k head
+            add_norm(f"{p}.attn.q_norm", "qk_norm", layer, Axis("groups", cfg.num_query_groups,
+                                                                 cfg.heads_per_group * cfg.head_size))
+            add_norm(f"{p}.attn.k_norm", "qk_norm", layer, Axis("groups", cfg.num_query_groups, cfg.head_size))
         add(f"{p}.attn.out", "attn_out", (hidden, out_units), layer, 1, hidden)
         add_norm(f"{p}.mlp_norm", "norm", layer)
         if gated:
@@ -164,14 +189,28 @@ def build_param_specs(cfg: ModelConfig) -> list[ParamSpec]:
         else:
             add(f"{p}.mlp.fc_in", "mlp_in", (ffn_in, hidden), layer, 0, ffn_in, bias_tp=True)
         add(f"{p}.mlp.fc_out", "mlp_out", (hidden, ffn_out), layer, 1, hidden)
-    add_norm("final_norm", "final_norm", L + 1)
+    if cfg.final_norm:
+        add_norm("final_norm", "final_norm", L + 1)
+    if cfg.has_projections:
+        add("project_out", "project_out", (embed, hidden), L + 1, None)
     if not cfg.tied_embeddings:
-        add("lm_head", "lm_head", (vocab, hidden), L + 2, 0)
+        add("lm_head", "lm_head", (vocab, embed), L + 2, 0)
     return specs
 
 
+def num_params(cfg: ModelConfig) -> int:
+    """Total parameter count, padded vocabulary included."""
+    return sum(math.prod(s.shape) for s in build_param_specs(cfg))
+
+
+def model_summary(cfg: ModelConfig) -> str:
+    """One line that tells two models apart in a message."""
+    return (f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, ffn {cfg.ffn_size}, "
+            f"vocab {cfg.vocab_size}, {num_params(cfg) / 1e6:.2f}M parameters")
+
+
 def num_pipeline_layers(cfg: ModelConfig) -> int:
-    """Embedding, the blocks, the final norm and the LM head (the tied embedding when tied)."""
+    """Embedding, the blocks, the final norm (and project_out) and the LM head (the tied embedding when tied)."""
     return cfg.num_layers + 3
 
 

@@ -23,10 +23,10 @@ def _worker(rank: int, world_size: int, fn: Callable, args: tuple, tmp: str, use
         if use_deepspeed:
             import deepspeed
 
-            from megaclone.cluster import release_deepspeed_shm
+            from megaclone.cluster import skip_deepspeed_shm_op
 
+            skip_deepspeed_shm_op()
             deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-            release_deepspeed_shm()
         else:
             dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)

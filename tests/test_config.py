@@ -26,11 +26,26 @@ def test_missing_file_named(tmp_path) -> None:
         load_run_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("text, where", [
+    ("model:\n  hidden_size: 64\n   num_layers: 2\n", ":3:14: YAML syntax error: mapping values are not allowed here"),
+    ("model: {hidden_size: 64\n", ":2:1: YAML syntax error: expected ',' or '}', but got '<stream end>'"),
+    ("model:\n\thidden_size: 64\n", ":2:1: YAML syntax error: found character '\\t' that cannot start any token"),
+])
+def test_yaml_syntax_error_names_file_line_column(tmp_path, text: str, where: str) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_run_config(path)
+    assert str(e.value).startswith(f"{path}{where}")
+    with pytest.raises(ConfigError, match=r"--set 'train.lr=\[3e-4':1:6: YAML syntax error: expected ',' or ']'"):
+        load_run_config(None, ["train.lr=[3e-4"])
+
+
 def test_overrides_apply_and_validate() -> None:
     cfg = load_run_config(None, ["model.hidden_size=64", "model.num_heads=4", "train.lr=3e-4"])
     assert cfg.model.hidden_size == 64 and cfg.model.head_size == 16 and cfg.train.lr == 3e-4
     with pytest.raises(ConfigError, match="model.activation"):
-        load_run_config(None, ["model.activation=relu"])
+        load_run_config(None, ["model.activation=tanh"])
 
 
 @pytest.mark.parametrize(("model", "parallel", "match"), [
@@ -69,3 +84,25 @@ def test_zero0_pipeline_clipping_refused() -> None:
     with pytest.raises(ConfigError, match=r"zero_stage=0 with parallel.pp_size=2"):
         load_run_config(None, ["parallel.pp_size=2", "parallel.zero_stage=0"]).validate()
     load_run_config(None, ["parallel.pp_size=2", "parallel.zero_stage=0", "train.grad_clip=0"]).validate()
+
+
+@pytest.mark.parametrize("values,match", [
+    (dict(norm_placement="sandwich"), r"model.norm_placement='sandwich'"),
+    (dict(parallel_residual=True, norm_placement="post"), "parallel_residual=True needs model.norm_placement='pre'"),
+    (dict(norm_unit_offset=True, norm_affine=False), "norm_unit_offset=True needs model.norm_affine=True"),
+    (dict(position_offset=2), r"position_offset=2 .*position='learned' \(got 'rope'\)"),
+    (dict(position="learned", position_offset=-1), "position_offset=-1 must be >= 0"),
+    (dict(embed_size=0), "model.embed_size=0 must be a positive integer"),
+    (dict(activation="reglu"), r"model.activation='reglu'"),
+])
+def test_family_options_validate(values: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**values)
+
+
+def test_family_option_properties() -> None:
+    assert ModelConfig(activation="geglu", hidden_size=96, num_heads=4).ffn_size == 256  # gated: 8/3 d, rounded
+    opt = ModelConfig(hidden_size=64, num_heads=4, embed_size=32)
+    assert opt.has_projections and opt.embedding_size == 32
+    assert not ModelConfig(hidden_size=64, num_heads=4, embed_size=64).has_projections
+    assert ModelConfig().embedding_size == 128 and ModelConfig(activation="relu").ffn_size == 512

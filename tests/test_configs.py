@@ -8,6 +8,7 @@ import pytest
 
 from megaclone.config import load_run_config
 from megaclone.parallel import Layout
+from megaclone.spec import num_params
 from megaclone.train.cli import build_plan, parse_args
 from megaclone.train.engine import build_deepspeed_config
 
@@ -42,7 +43,7 @@ def test_gpt3_presets_have_published_sizes(name: str) -> None:
     cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     model = cfg.model
     model.vocab_size = 50257  # GPT-2/3 BPE
-    assert model.num_params() == pytest.approx(PUBLISHED[name], rel=0.04)
+    assert num_params(model) == pytest.approx(PUBLISHED[name], rel=0.04)
     assert (cfg.train.precision, cfg.data.seq_len, model.head_size * model.num_heads) == \
         ("bf16", 2048, model.hidden_size)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * (8 // cfg.parallel.tp_size) * cfg.data.seq_len

@@ -12,7 +12,14 @@ from megaclone.rng import counter_normal
 from megaclone.spec import ParamSpec, build_param_specs, stage_layer_range, stages_of
 
 ARCHS = [dict(), dict(activation="swiglu", norm="rmsnorm", position="learned", bias=False, tied_embeddings=False,
-                      num_query_groups=2)]
+                      num_query_groups=2),
+         # OPT-350m and OLMo-2 / Gemma options: project_in / project_out, positions at an offset, no final norm;
+         # QK-norm split over TP, norms without parameters
+         dict(activation="relu", norm_placement="post", final_norm=False, position="learned", position_offset=2,
+              embed_size=16, tied_embeddings=False),
+         dict(activation="geglu", norm="rmsnorm", qk_norm=True, norm_unit_offset=True, num_query_groups=2,
+              head_size=16),
+         dict(norm_affine=False, qk_norm=True)]
 
 
 def cfg_of(**kw) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""Convert between Hugging Face checkpoints (Llama, Mistral, Qwen2, GPT-NeoX/Pythia, GPT-2) and megaclone.
+"""Convert between Hugging Face checkpoints (Llama, Mistral, Qwen2, GPT-NeoX/Pythia, GPT-2, OPT, OLMo, OLMo-2, Gemma)
+and megaclone.
 
     python tools/convert_hf.py import --hf-dir models/pythia-160m --output runs/pythia/ckpt --tp 2 --pp 2
     python tools/convert_hf.py export --ckpt runs/wide/ckpt --hf-dir out/wide-hf [--family gpt_neox]

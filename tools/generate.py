@@ -1,6 +1,6 @@
 """Sample text from a megaclone checkpoint of any layout (loaded whole into one CPU process).
 
-    python tools/generate.py --ckpt runs/demo/ckpt --prompt "The state of the union" --tokens 60
+    python tools/generate.py --ckpt runs/demo/small/ckpt --prompt "The state of the Union" --tokens 60
 """
 
 from __future__ import annotations

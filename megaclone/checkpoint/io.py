@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from megaclone.checkpoint.manifest import (
     LATEST_NAME,
+    MANIFEST_NAME,
     STEP_DIR_RE,
     CheckpointError,
     atomic_write_text,
@@ -23,13 +25,21 @@ from megaclone.checkpoint.manifest import (
     read_manifest,
     resolve_checkpoint,
     step_dir_name,
+    step_dirs,
     write_manifest,
 )
-from megaclone.checkpoint.shards import save_weight_shard, storage_stage, weight_file, weight_file_digests
-from megaclone.config import ModelConfig, ParallelConfig
+from megaclone.checkpoint.shards import (
+    file_digest,
+    save_weight_shard,
+    storage_stage,
+    weight_file,
+    weight_file_digests,
+)
+from megaclone.config import ConfigError, ModelConfig, ParallelConfig
 from megaclone.spec import build_param_specs
 
-__all__ = ["begin_checkpoint", "commit_checkpoint", "prune_checkpoints", "resolve_checkpoint",
+__all__ = ["begin_checkpoint", "check_output_dir", "commit_checkpoint", "holds_no_checkpoint", "previous_complete_step",
+           "prune_checkpoints", "remove_stale_saves", "resolve_checkpoint", "stale_saves", "tokenizer_digests",
            "write_weights_checkpoint"]
 
 TMP_PREFIX = ".tmp-"
@@ -48,6 +58,61 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_output_dir(path: str | Path, what: str) -> None:
+    """Refuse, before any work, a directory that is a file, lies under a file, or cannot be created or written.
+
+    The nearest existing ancestor must be a directory in which this process can create an entry: a directory
+    is made there and removed again (access(2) would not do: root passes it on read-only places like /sys).
+    """
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise ConfigError(f"{what} {path} {where}: expected a directory (or a path where one can be created)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".megaclone-write-check-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def previous_complete_step(step_dir: str | Path) -> Path | None:
+    """The newest committed step directory beside `step_dir` that is older than it (None: there is none)."""
+    step_dir = Path(step_dir)
+    m = STEP_DIR_RE.match(step_dir.name.removeprefix(".old-"))
+    if m is None or not step_dir.parent.is_dir():
+        return None
+    older = [path for step, path in step_dirs(step_dir.parent)
+             if step < int(m.group(1)) and (path / MANIFEST_NAME).is_file()]
+    return older[-1] if older else None
+
+
+def holds_no_checkpoint(root: str | Path) -> bool:
+    """Whether `root` is a checkpoint root that nothing was ever committed to: missing, empty, or holding only
+    what interrupted writes leave (`.tmp-step_*` saves, a `.latest.tmp-*` pointer)."""
+    root = Path(root)
+    if not root.exists():
+        return True
+    return root.is_dir() and all(p.name.startswith(".") and ".tmp-" in p.name for p in root.iterdir())
+
+
+def stale_saves(root: str | Path) -> list[Path]:
+    """`.tmp-step_*` directories in `root`: saves that were interrupted before their commit."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(TMP_PREFIX + "step_") and p.is_dir())
+
+
+def remove_stale_saves(root: str | Path) -> list[Path]:
+    """Delete every interrupted save in `root` (before a training run writes its next one); returns them."""
+    stale = stale_saves(root)
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def begin_checkpoint(root: str | Path, step: int) -> Path:
@@ -93,15 +158,6 @@ def commit_checkpoint(tmp_dir: str | Path) -> Path:
     return final
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    for child in root.iterdir():
-        m = STEP_DIR_RE.match(child.name)
-        if m and child.is_dir():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` step directories (0: keep all); never the one `latest` names.
 
@@ -115,7 +171,7 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
         raise CheckpointError(f"checkpoint root {root} does not exist")
     latest = root / LATEST_NAME
     current = latest.read_text().strip() if latest.is_file() else None
-    steps = _step_dirs(root)
+    steps = step_dirs(root)
     removed = []
     for _, path in steps[: max(0, len(steps) - keep_last)]:
         if path.name == current:
@@ -145,6 +201,11 @@ def _slice_source(cfg: ModelConfig, full_state: dict[str, torch.Tensor] | SliceS
             raise ValueError(f"full_state[{name!r}] has shape {list(full_state[name].shape)}, "
                              f"the model config gives {list(spec.shape)}")
     return lambda name, index: full_state[name][index]
+
+
+def tokenizer_digests(step_dir: Path, has_tokenizer: Any) -> dict[str, dict[str, Any]]:
+    """`other_files` of a weight-only checkpoint: the digest of its tokenizer copy, when it has one."""
+    return {"tokenizer.model": file_digest(step_dir / "tokenizer.model")} if has_tokenizer else {}
 
 
 def write_weights_checkpoint(root_or_dir: str | Path, cfg: ModelConfig,
@@ -191,7 +252,7 @@ def write_weights_checkpoint(root_or_dir: str | Path, cfg: ModelConfig,
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         manifest = make_manifest(cfg, step, tp_size, pp_size, tokenizer="tokenizer.model" if tokenizer else None,
                                  data=dict(data or {}), files=weight_file_digests(tmp, tp_size, pp_size),
-                                 provenance=dict(provenance or {}))
+                                 provenance=dict(provenance or {}), other_files=tokenizer_digests(tmp, tokenizer))
         write_manifest(tmp, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
 STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 _LAYOUT_KEYS = ("tp_size", "pp_size", "dp_size", "zero_stage", "precision")
+OPTIM_DIR = "optim"  # the optimizer-state files (checkpoint.optim_state) live here, as the `optimizer` record says
 
 
 class CheckpointError(ValueError):
@@ -55,6 +56,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step_XXXXXXXX` directory in `root`, oldest first (complete or not)."""
+    found = []
+    for child in root.iterdir():
+        m = STEP_DIR_RE.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def complete_steps(root: str | Path) -> list[Path]:
+    """The committed step directories of a checkpoint root (a manifest in each), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [path for _, path in step_dirs(root) if (path / MANIFEST_NAME).is_file()]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """The step directory meant by `path`: a step directory itself, or a ROOT whose `latest` names one.
 
@@ -71,8 +90,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = path / LATEST_NAME
     if not latest.is_file():
+        steps = complete_steps(path)
+        hint = (f"; it holds complete step directories, the newest {steps[-1].name}: a crash between a commit's "
+                f"rename and its '{LATEST_NAME}' update? Pass {steps[-1]} itself" if steps else "")
         raise CheckpointError(f"not a megaclone checkpoint (no {MANIFEST_NAME} in {path}); a checkpoint root "
-                              f"needs a '{LATEST_NAME}' file naming a complete step directory")
+                              f"needs a '{LATEST_NAME}' file naming a complete step directory{hint}")
     name = latest.read_text().strip()
     if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
         raise CheckpointError(f"{latest}: expected the name of a step directory in {path}, got {name!r}")
@@ -117,6 +139,45 @@ def _param_from_dict(d: Any, where: str) -> ParamSpec:
     return spec
 
 
+def _check_digests(entries: Any, key: str, where: str) -> None:
+    """`entries` must map paths inside the step directory to {'sha256': hex, 'bytes': int}."""
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{where}: '{key}' must be a mapping of relative path -> digest")
+    for rel, entry in entries.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{where}: {key}[{rel!r}] must be a path inside the step directory")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or not isinstance(entry.get("bytes"), int):
+            raise CheckpointError(f"{where}: {key}[{rel!r}] must be {{'sha256': hex, 'bytes': int}}, got {entry!r}")
+
+
+def is_optim_file(rel: str) -> bool:
+    """Whether a path relative to the step directory is an optimizer-state file."""
+    return rel.startswith(OPTIM_DIR + "/")
+
+
+def check_optimizer_record(d: Any, where: str) -> None:
+    """Raise CheckpointError naming `where` unless `d` is a well-formed `optimizer` entry."""
+    if not isinstance(d, dict) or not {"step", "scheduler", "files"} <= set(d):
+        raise CheckpointError(f"{where}: 'optimizer' must be a mapping with keys ['step', 'scheduler', 'files'], "
+                              f"got {d!r}")
+    if not isinstance(d["step"], int) or d["step"] < 0:
+        raise CheckpointError(f"{where}: optimizer.step must be an integer >= 0, got {d['step']!r}")
+    scheduler = d["scheduler"]
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("last_epoch"), int):
+        raise CheckpointError(f"{where}: optimizer.scheduler must be a mapping with an integer 'last_epoch', "
+                              f"got {scheduler!r}")
+    if not isinstance(d["files"], dict):
+        raise CheckpointError(f"{where}: optimizer.files must be a mapping of relative path -> digest")
+    for rel, entry in d["files"].items():
+        if not is_optim_file(rel) or ".." in Path(rel).parts:
+            raise CheckpointError(f"{where}: optimizer.files[{rel!r}] must be a path under {OPTIM_DIR}/")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or not isinstance(entry.get("bytes"), int):
+            raise CheckpointError(f"{where}: optimizer.files[{rel!r}] must be {{'sha256': hex, 'bytes': int}}, "
+                                  f"got {entry!r}")
+
+
 @dataclass
 class Manifest:
     """The contents of manifest.json (format and format_version are implied)."""
@@ -131,6 +192,9 @@ class Manifest:
     deepspeed: str | None = None  # subdirectory holding DeepSpeed's own checkpoint
     provenance: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] | None = None  # Adam state files: {step, scheduler, files} (see checkpoint.optim_state)
+    other_files: dict[str, dict[str, Any]] | None = None  # every other file (DeepSpeed's, the tokenizer): digests;
+    # None in manifests of megaclone versions that recorded none
+    settings: dict[str, Any] | None = None  # the run's train, data and checkpoint settings ({section: {key: value}})
 
     @property
     def tp_size(self) -> int:
@@ -145,7 +209,13 @@ class Manifest:
                 "model": dataclasses.asdict(self.model), "layout": dict(self.layout), "tokenizer": self.tokenizer,
                 "data": dict(self.data), "params": [p.to_dict() for p in self.params], "files": dict(self.files),
                 "deepspeed": self.deepspeed, "provenance": dict(self.provenance),
-                **({"optimizer": dict(self.optimizer)} if self.optimizer is not None else {})}
+                **({"optimizer": dict(self.optimizer)} if self.optimizer is not None else {}),
+                **({"other_files": dict(self.other_files)} if self.other_files is not None else {}),
+                **({"settings": dict(self.settings)} if self.settings is not None else {})}
+
+    def digests(self) -> dict[str, dict[str, Any]]:
+        """Every file the manifest records a digest for: weights, optimizer-state files and the others."""
+        return {**self.files, **(self.optimizer or {}).get("files", {}), **(self.other_files or {})}
 
     @staticmethod
     def from_dict(d: Any, where: str = MANIFEST_NAME) -> Manifest:
@@ -178,21 +248,23 @@ class Manifest:
         params = [_param_from_dict(p, where) for p in d["params"]]
         _check_params(params, model, where)
         files = d.get("files") or {}
-        for rel, entry in files.items():
-            if Path(rel).is_absolute() or ".." in Path(rel).parts:
-                raise CheckpointError(f"{where}: files[{rel!r}] must be a path inside the step directory")
-            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
-                    or not isinstance(entry.get("bytes"), int):
-                raise CheckpointError(f"{where}: files[{rel!r}] must be {{'sha256': hex, 'bytes': int}}, got {entry!r}")
+        other_files = d.get("other_files")
+        _check_digests(files, "files", where)
+        if other_files is not None:
+            _check_digests(other_files, "other_files", where)
         optimizer = d.get("optimizer")
         if optimizer is not None:
-            from megaclone.checkpoint.optim_state import check_optimizer_record
-
             check_optimizer_record(optimizer, where)
+        settings = d.get("settings")
+        if settings is not None and not (isinstance(settings, dict) and all(isinstance(v, dict)
+                                                                            for v in settings.values())):
+            raise CheckpointError(f"{where}: 'settings' must map section names to mappings, got {settings!r}")
         return Manifest(step=d["step"], model=model, layout=dict(layout), params=params,
                         tokenizer=d.get("tokenizer"), data=dict(d.get("data") or {}), files=dict(files),
                         deepspeed=d.get("deepspeed"), provenance=dict(d.get("provenance") or {}),
-                        optimizer=dict(optimizer) if optimizer is not None else None)
+                        optimizer=dict(optimizer) if optimizer is not None else None,
+                        other_files=dict(other_files) if other_files is not None else None,
+                        settings=dict(settings) if settings is not None else None)
 
 
 def make_manifest(cfg: ModelConfig, step: int, tp_size: int, pp_size: int, *, dp_size: int = 1,

@@ -5,6 +5,10 @@ fp32 with the same TP-local slice as the weight (DP-gathered, so the ZeRO stage 
 that wrote it do not matter). The manifest's optional `optimizer` record holds Adam's step count, the
 LR scheduler position and these files' digests. Because the moments are sliced exactly like the
 weights, every resharding path (elastic resume, tools/reshard_expand.py) reuses the weights' code.
+
+The record is validated where every manifest is read, so `OPTIM_DIR`, `is_optim_file` and
+`check_optimizer_record` are defined in `checkpoint.manifest` (which this module's reader builds on and
+therefore cannot be imported by) and exported from here with the rest of the format.
 """
 
 from __future__ import annotations
@@ -15,20 +19,18 @@ from typing import Any
 
 import torch
 
-from megaclone.checkpoint.manifest import CheckpointError
+from megaclone.checkpoint.manifest import OPTIM_DIR, CheckpointError, check_optimizer_record, is_optim_file
 from megaclone.checkpoint.shards import ShardReader, layout_file_digests, save_weight_shard
 
+__all__ = ["MOMENT_KEYS", "OPTIM_DIR", "OptimStateReader", "check_optimizer_record", "is_optim_file",
+           "make_optimizer_record", "moment_name", "optim_file", "optim_file_digests", "save_optim_shard"]
+
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-OPTIM_DIR = "optim"
 
 
 def optim_file(tp_rank: int, pp_rank: int) -> str:
     """Path of a rank's optimizer-state file relative to the step directory."""
     return f"{OPTIM_DIR}/tp{tp_rank:02d}-pp{pp_rank:02d}.safetensors"
-
-
-def is_optim_file(rel: str) -> bool:
-    return rel.startswith(OPTIM_DIR + "/")
 
 
 def moment_name(name: str, key: str) -> str:
@@ -60,28 +62,6 @@ def make_optimizer_record(step: int, scheduler: dict[str, Any], files: dict[str,
     record = {"step": int(step), "scheduler": dict(scheduler), "files": dict(files)}
     check_optimizer_record(record, "optimizer record")
     return record
-
-
-def check_optimizer_record(d: Any, where: str) -> None:
-    """Raise CheckpointError naming `where` unless `d` is a well-formed `optimizer` entry."""
-    if not isinstance(d, dict) or not {"step", "scheduler", "files"} <= set(d):
-        raise CheckpointError(f"{where}: 'optimizer' must be a mapping with keys ['step', 'scheduler', 'files'], "
-                              f"got {d!r}")
-    if not isinstance(d["step"], int) or d["step"] < 0:
-        raise CheckpointError(f"{where}: optimizer.step must be an integer >= 0, got {d['step']!r}")
-    scheduler = d["scheduler"]
-    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("last_epoch"), int):
-        raise CheckpointError(f"{where}: optimizer.scheduler must be a mapping with an integer 'last_epoch', "
-                              f"got {scheduler!r}")
-    if not isinstance(d["files"], dict):
-        raise CheckpointError(f"{where}: optimizer.files must be a mapping of relative path -> digest")
-    for rel, entry in d["files"].items():
-        if not is_optim_file(rel) or ".." in Path(rel).parts:
-            raise CheckpointError(f"{where}: optimizer.files[{rel!r}] must be a path under {OPTIM_DIR}/")
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
-                or not isinstance(entry.get("bytes"), int):
-            raise CheckpointError(f"{where}: optimizer.files[{rel!r}] must be {{'sha256': hex, 'bytes': int}}, "
-                                  f"got {entry!r}")
 
 
 class OptimStateReader(ShardReader):

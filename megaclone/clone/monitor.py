@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from megaclone.clone.plan import axis_factor
+from megaclone.clone.plan import axis_factor, axis_map
 from megaclone.spec import ParamSpec
 
 
@@ -27,7 +27,7 @@ def _whole_blocks(start: int, stop: int, unit: int, factor: int) -> tuple[int, i
 
 @torch.no_grad()
 def copy_similarity(tensor: torch.Tensor, spec: ParamSpec, n: int, m: int | None = None, tp_rank: int = 0,
-                    tp_size: int = 1, align: bool = True) -> float:
+                    tp_size: int = 1, align: bool = True, g: int | None = None) -> float:
     """Mean cosine similarity between the copies of each output unit (rows) of a widened tensor.
 
     `tensor` is the full widened tensor or this rank's TP slice of it (`spec` is the WIDE spec); only
@@ -36,13 +36,14 @@ def copy_similarity(tensor: torch.Tensor, spec: ParamSpec, n: int, m: int | None
     the copies of every input unit by k mod q, i.e. up to the permutation that swaps the copies on
     every axis together: a fresh diagonal clone then scores 1 like a symmetric one. NaN when there
     is nothing to compare: the output axis is not widened (lm_head, mlp_in with m=1) or no output unit
-    has all its copies on this rank, so a monitor can skip NaN over any set of weights.
+    has all its copies on this rank, so a monitor can skip NaN over any set of weights. With a groups factor
+    g < n the copies of a qkv unit are its g group copies (the head copies inside a group are not compared).
     """
     m = n if m is None else m
     if tuple(tensor.shape) != spec.tp_shape(tp_size):
         raise ValueError(f"{spec.name}: tensor of shape {list(tensor.shape)} is not the TP slice of shape "
                          f"{list(spec.tp_shape(tp_size))} (tp_size={tp_size})")
-    p = axis_factor(spec.axes[0], n, m)
+    p = axis_factor(spec.axes[0], n, m, g)
     if p == 1:  # output axis not widened: no copies
         return math.nan
     x = tensor.detach().float()
@@ -53,10 +54,11 @@ def copy_similarity(tensor: torch.Tensor, spec: ParamSpec, n: int, m: int | None
         return math.nan
     x = x[u0 * p * unit0 - r0: u1 * p * unit0 - r0]
     x = x.reshape(u1 - u0, p, unit0, *x.shape[1:])  # [small units, copies, unit rows, input...]
-    q = axis_factor(spec.axes[1], n, m) if x.dim() == 4 else 1
+    in_map = axis_map(spec, 1, n, m, g) if x.dim() == 4 else None
+    q = in_map.factor if in_map is not None else 1
     if align and q > 1:
         c0, c1 = _local_range(spec, 1, tp_rank, tp_size)
-        unit1 = spec.axes[1].unit_size
+        unit1 = in_map.unit_size
         b0, b1 = _whole_blocks(c0, c1, unit1, q)
         if b1 <= b0:
             return math.nan

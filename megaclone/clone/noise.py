@@ -19,7 +19,7 @@ from megaclone.rng import counter_normal
 from megaclone.spec import ParamSpec
 
 _CHUNK_ELEMENTS = 1 << 22
-NOISE_ROLES = ("qkv", "attn_out", "mlp_in", "mlp_gate_up", "mlp_out")
+NOISE_ROLES = ("qkv", "attn_out", "mlp_in", "mlp_gate_up", "mlp_out", "project_in", "project_out")
 _STREAM = "hyperclone-noise/"  # keeps noise independent of init values drawn with the same seed and name
 
 

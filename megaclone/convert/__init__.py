@@ -1,19 +1,13 @@
 """Offline checkpoint conversion: change TP and PP, and optionally HyperClone-widen, in one streaming pass.
 
-`plan` checks everything and lists the target files before anything is written; `run` writes them
+`plan` checks everything and lists the target files (`jobs`) before anything is written; `run` writes them
 target file by target file, row chunk by row chunk, reading only the source byte ranges each chunk
-needs; `writer` streams one safetensors file. The CLI is tools/reshard_expand.py.
+needs; `writer` streams one safetensors file; `carry` adds the optimizer-state files (`--optimizer carry`).
+The CLI is tools/reshard_expand.py.
 """
 
-from megaclone.convert.plan import (
-    ConversionPlan,
-    ConvertError,
-    ConvertOptions,
-    FileJob,
-    TensorJob,
-    free_disk_bytes,
-    plan_conversion,
-)
+from megaclone.convert.jobs import ConvertError, FileJob, TensorJob
+from megaclone.convert.plan import ConversionPlan, ConvertOptions, free_disk_bytes, plan_conversion
 from megaclone.convert.run import (
     ABORT_ENV,
     ConversionAborted,

@@ -11,7 +11,7 @@ step count, the scheduler position and the data position are copied into the tar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -26,17 +26,13 @@ from megaclone.checkpoint.optim_state import (
 )
 from megaclone.clone import clone_moment
 from megaclone.config import CloneConfig, ModelConfig
+from megaclone.convert.jobs import SHARD_METADATA, ConvertError, FileJob, TensorJob
+from megaclone.convert.writer import planned_file_bytes
 from megaclone.spec import ParamSpec
-
-if TYPE_CHECKING:
-    from megaclone.convert.plan import FileJob, TensorJob
 
 
 def optim_file_job(weight_tensors: list[TensorJob], tp_rank: int, pp_rank: int) -> FileJob:
     """The optim/ file of one target rank: both moments of every weight tensor, same ranges, safetensors order."""
-    from megaclone.convert.plan import SHARD_METADATA, FileJob, TensorJob
-    from megaclone.convert.writer import planned_file_bytes
-
     tensors = sorted((TensorJob(moment_name(t.name, key), t.shape, t.ranges) for t in weight_tensors
                       for key in MOMENT_KEYS), key=lambda t: t.name.encode())
     size = planned_file_bytes([(t.name, t.shape) for t in tensors], SHARD_METADATA)
@@ -45,8 +41,6 @@ def optim_file_job(weight_tensors: list[TensorJob], tp_rank: int, pp_rank: int) 
 
 def check_carry_source(source: Path, manifest: Manifest) -> None:
     """The source must have optimizer-state files, all present and matching their checksums."""
-    from megaclone.convert.plan import ConvertError
-
     if manifest.optimizer is None:
         raise ConvertError(f"--optimizer carry: {source} holds no optimizer state (its manifest has no 'optimizer' "
                            f"entry: a weight-only or older checkpoint); use --optimizer drop")

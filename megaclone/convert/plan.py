@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -34,19 +33,15 @@ from megaclone.checkpoint import (
     storage_stage,
     weight_file,
 )
-from megaclone.clone import clone_factors, widen_model_config
+from megaclone.checkpoint.io import check_output_dir
+from megaclone.clone import check_carry_possible, clone_factors, describe_growth, groups_factor, grown_model_config
 from megaclone.config import CloneConfig, ConfigError, ModelConfig, ParallelConfig
 from megaclone.convert.carry import check_carry_source, optim_file_job
+from megaclone.convert.jobs import SHARD_METADATA, ConvertError, FileJob, TensorJob
 from megaclone.convert.writer import planned_file_bytes
 from megaclone.spec import ParamSpec, build_param_specs
 
-SHARD_METADATA = {"format": "pt"}  # what save_weight_shard writes, so files hash the same either way
 TMP_PREFIX = ".tmp-"  # begin_checkpoint's prefix: commit_checkpoint renames `.tmp-step_X` to `step_X`
-Range = tuple[int, int]
-
-
-class ConvertError(ValueError):
-    """A user's mistake in a conversion request (output exists, no disk space, unsupported option)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +54,9 @@ class ConvertOptions:
     pp_size: int | None = None
     hyperclone: int = 0  # n; 0: no widening
     hyperclone_ffn: int | None = None
+    hyperclone_groups: int | None = None
+    grow_layers: int = 0  # the target depth; 0: keep it
+    grow_method: str = "zero"
     clone_variant: str = "symmetric"
     clone_noise_db: float | None = None
     clone_seed: int = 0
@@ -67,6 +65,7 @@ class ConvertOptions:
     verify: bool = False
     overwrite: bool = False
     chunk_bytes: int = 4 << 20  # the most output bytes computed at once (rows of one target tensor)
+    direct_io: bool = True  # write around the page cache (O_DIRECT) where the filesystem allows it
     progress: bool = True
 
     def arguments(self) -> dict[str, Any]:
@@ -75,30 +74,6 @@ class ConvertOptions:
         d["input"], d["output"] = str(self.input), str(self.output)
         del d["progress"]
         return d
-
-
-@dataclass(frozen=True)
-class TensorJob:
-    """One tensor of a target file: its global name, stored (TP-local) shape, and global index ranges."""
-
-    name: str
-    shape: tuple[int, ...]
-    ranges: tuple[Range, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * 4
-
-
-@dataclass(frozen=True)
-class FileJob:
-    """One target weight file: the unit a worker owns, written in `tensors` order (safetensors' order)."""
-
-    rel: str
-    tp_rank: int
-    pp_rank: int
-    tensors: tuple[TensorJob, ...]
-    size: int  # exact bytes on disk, header included
 
 
 @dataclass
@@ -162,18 +137,31 @@ def _check_options(o: ConvertOptions) -> None:
         raise ConvertError(f"chunk_bytes={o.chunk_bytes}: expected at least one fp32 value (4 bytes)")
     if not o.hyperclone:
         used = [flag for flag, value, default in (
-            ("--hyperclone-ffn", o.hyperclone_ffn, None), ("--clone-variant", o.clone_variant, "symmetric"),
-            ("--clone-noise-db", o.clone_noise_db, None), ("--clone-seed", o.clone_seed, 0)) if value != default]
+            ("--hyperclone-ffn", o.hyperclone_ffn, None), ("--hyperclone-groups", o.hyperclone_groups, None))
+            if value != default]
         if used:
             raise ConvertError(f"{', '.join(used)} given without --hyperclone N: nothing is widened")
+    if not o.hyperclone and not o.grow_layers:
+        used = [flag for flag, value, default in (
+            ("--clone-variant", o.clone_variant, "symmetric"), ("--clone-noise-db", o.clone_noise_db, None),
+            ("--clone-seed", o.clone_seed, 0)) if value != default]
+        if used:
+            raise ConvertError(f"{', '.join(used)} given without --hyperclone N or --grow-layers L: nothing grows")
+    if not o.grow_layers and o.grow_method != "zero":
+        raise ConvertError(f"--grow-method {o.grow_method} given without --grow-layers L: the depth is kept")
 
 
 def _clone_config(o: ConvertOptions, source: Path) -> CloneConfig | None:
-    if not o.hyperclone:
+    if not o.hyperclone and not o.grow_layers:
         return None
     clone = CloneConfig(init_from=str(source), factor=o.hyperclone, ffn_factor=o.hyperclone_ffn,
+                        groups_factor=o.hyperclone_groups, grow_layers=o.grow_layers, grow_method=o.grow_method,
                         variant=o.clone_variant, noise_db=o.clone_noise_db, seed=o.clone_seed)
-    clone_factors(clone)  # ValueError naming --hyperclone / --hyperclone-ffn / the variant / the noise level
+    n, _ = clone_factors(clone)  # ValueError naming --hyperclone / --hyperclone-ffn / the variant / the noise level
+    if o.optimizer == "carry" and groups_factor(clone) != n:
+        raise ConvertError(f"--optimizer carry with --hyperclone-groups {groups_factor(clone)} < --hyperclone {n}: "
+                           "the k and v rows of a query group would need other moment scales than its q rows; use "
+                           "--optimizer drop")
     return clone
 
 
@@ -187,8 +175,7 @@ def _output_location(o: ConvertOptions, source_step: int) -> tuple[Path, int]:
 
 
 def _check_output(o: ConvertOptions, root: Path, final: Path, source: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise ConvertError(f"--output {o.output}: {root} exists and is not a directory")
+    check_output_dir(root, "--output")  # not a file, not under one, writable
     if final.exists() and final.resolve() == source.resolve():
         raise ConvertError(f"--output {o.output} is the input checkpoint {source}; write the conversion elsewhere")
     if o.overwrite:
@@ -201,11 +188,11 @@ def _check_output(o: ConvertOptions, root: Path, final: Path, source: Path) -> N
                            f"and point '{LATEST_NAME}' at it")
 
 
-def _check_layout(cfg: ModelConfig, tp: int, pp: int, widened: bool) -> None:
+def _check_layout(cfg: ModelConfig, tp: int, pp: int, growth: str | None) -> None:
     try:
         ParallelConfig(tp_size=tp, pp_size=pp, zero_stage=0).validate(cfg)
     except ConfigError as e:
-        what = "the widened model" if widened else "the model"
+        what = f"the model grown {growth}" if growth else "the model"
         raise ConvertError(f"target layout --tp {tp} --pp {pp} does not fit {what} (num_query_groups="
                            f"{cfg.num_query_groups}, ffn_size={cfg.ffn_size}, padded vocab={cfg.padded_vocab_size}, "
                            f"num_layers={cfg.num_layers}): {e}") from e
@@ -294,10 +281,10 @@ def plan_conversion(options: ConvertOptions) -> ConversionPlan:
     manifest = read_manifest(source)
     clone = _clone_config(options, source)
     src_cfg = manifest.model
-    target_cfg = widen_model_config(src_cfg, *clone_factors(clone)) if clone else src_cfg
+    target_cfg = grown_model_config(src_cfg, clone) if clone else src_cfg
     tp = options.tp_size or manifest.tp_size
     pp = options.pp_size or manifest.pp_size
-    _check_layout(target_cfg, tp, pp, clone is not None)
+    _check_layout(target_cfg, tp, pp, describe_growth(src_cfg, clone) if clone else None)
     root, step = _output_location(options, manifest.step)
     plan = ConversionPlan(options, source, manifest, target_cfg, clone, tp, pp, root, step,
                           plan_files(target_cfg, tp, pp, optimizer=options.optimizer == "carry"))
@@ -318,4 +305,9 @@ def plan_conversion(options: ConvertOptions) -> ConversionPlan:
         verify_source_checksums(reader, max(options.workers, os.cpu_count() or 1))
     if options.optimizer == "carry":
         check_carry_source(source, manifest)
+        if clone is not None:
+            try:
+                check_carry_possible(src_cfg, clone)
+            except ValueError as e:
+                raise ConvertError(f"--optimizer carry: {e}") from e
     return plan

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import megaclone
@@ -48,20 +49,14 @@ from megaclone.checkpoint import (
     make_manifest,
     write_manifest,
 )
+from megaclone.checkpoint.io import tokenizer_digests
 from megaclone.checkpoint.manifest import atomic_write_text
 from megaclone.checkpoint.optim_state import is_optim_file
-from megaclone.clone import clone_factors, clone_tensor
+from megaclone.clone import clone_tensor, depth_plan, growth_record
 from megaclone.config import CloneConfig, ModelConfig
 from megaclone.convert.carry import carried_record, open_reader, read_moment_chunk
-from megaclone.convert.plan import (
-    SHARD_METADATA,
-    ConversionPlan,
-    ConvertError,
-    ConvertOptions,
-    FileJob,
-    TensorJob,
-    plan_conversion,
-)
+from megaclone.convert.jobs import SHARD_METADATA, ConvertError, FileJob, TensorJob
+from megaclone.convert.plan import ConversionPlan, ConvertOptions, plan_conversion
 from megaclone.convert.writer import StreamingShardWriter
 from megaclone.spec import spec_table
 
@@ -108,6 +103,7 @@ class WorkContext:
     clone: CloneConfig | None
     tmp_dir: Path
     chunk_bytes: int
+    direct_io: bool = True
 
 
 def tune_process() -> None:
@@ -160,7 +156,8 @@ def row_chunks(job: TensorJob, chunk_bytes: int) -> Iterator[tuple[slice, ...]]:
 def convert_file(job: FileJob, ctx: WorkContext, on_tensor: Callable[[int], None]) -> FileResult:
     """Write one target file into `ctx.tmp_dir`; `on_tensor(nbytes)` after each tensor (progress, abort hook)."""
     wide_specs = spec_table(ctx.target_cfg) if ctx.clone else {}
-    writer = StreamingShardWriter(ctx.tmp_dir / job.rel, [(t.name, t.shape) for t in job.tensors], SHARD_METADATA)
+    writer = StreamingShardWriter(ctx.tmp_dir / job.rel, [(t.name, t.shape) for t in job.tensors], SHARD_METADATA,
+                                  direct=ctx.direct_io)
     optim_reader = open_reader(job.rel, ctx.source)  # optim/ files: --optimizer carry
     reader = optim_reader or ShardReader(ctx.source)
     mapped = 0  # output bytes since the source files were last closed
@@ -294,31 +291,33 @@ def _provenance(plan: ConversionPlan) -> dict[str, Any]:
                    "provenance": dict(src.provenance)},
         "target_layout": {"tp_size": plan.tp_size, "pp_size": plan.pp_size}, "optimizer": plan.options.optimizer,
         "fingerprint": plan.fingerprint()}}
-    if plan.clone:
-        n, m = clone_factors(plan.clone)
-        out["hyperclone"] = {  # the same record a cloned training launch writes
-            "source": str(plan.source.resolve()), "source_step": src.step, "source_layout": dict(src.layout),
-            "source_model": dataclasses.asdict(src.model), "factor": n, "ffn_factor": m,
-            "variant": plan.clone.variant, "noise_db": plan.clone.noise_db, "seed": plan.clone.seed}
+    if plan.clone:  # the same record a grown training launch writes
+        out["hyperclone"] = growth_record(plan.source, src.step, src.layout, src.model, plan.clone)
     return out
 
 
 def verify_conversion(source: Path, output: Path, widened: bool, batch: int = 2, seq_len: int = 16,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, preserving: bool = True) -> dict[str, Any]:
     """Logits of `output` (loaded whole, checksums checked) against `source` on a fixed random batch, fp32.
 
     Without widening they must be equal bit for bit; with widening max |diff| <= 1e-5 * max |source logit|.
-    Raises VerificationError otherwise; returns the measured numbers.
+    Raises VerificationError otherwise; returns the measured numbers. A growth that is not `preserving` (depth by
+    stack or interleave) is measured, not judged: the numbers include the next-token loss of both on the batch.
     """
     small, cfg = load_model(source, verify=False)
     wide, _ = load_model(output, verify=True)
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, min(seq_len, cfg.max_seq_len)), generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, min(seq_len, cfg.max_seq_len) + 1), generator=g)
+    tokens, labels = tokens[:, :-1], tokens[:, 1:]
     with torch.no_grad():
         a, b = small(tokens), wide(tokens)
     diff, scale = float((a - b).abs().max()), float(a.abs().max())
     result = {"max_abs_diff": diff, "max_abs_logit": scale, "exact": bool(torch.equal(a, b)),
-              "tolerance": 0.0 if not widened else VERIFY_TOLERANCE * scale}
+              "tolerance": 0.0 if not widened else VERIFY_TOLERANCE * scale,
+              "small_loss": float(F.cross_entropy(a.flatten(0, 1), labels.flatten())),
+              "loss": float(F.cross_entropy(b.flatten(0, 1), labels.flatten())), "preserving": preserving}
+    if not preserving:
+        return result
     if (not widened and not result["exact"]) or diff > result["tolerance"]:
         raise VerificationError(f"--verify: logits of {output} differ from {source}: max |diff| = {diff:.3e}, "
                                 f"allowed {result['tolerance']:.3e} (max |logit| {scale:.3e}); not committed")
@@ -335,7 +334,8 @@ def execute_plan(plan: ConversionPlan) -> ConversionReport:
     tmp, fingerprint = plan.tmp_dir, plan.fingerprint()
     report = ConversionReport(output=plan.final_dir, resumed=sorted(done))
     todo = [f for f in plan.files if f.rel not in done]
-    ctx = WorkContext(plan.source, plan.source_manifest.model, plan.target_cfg, plan.clone, tmp, o.chunk_bytes)
+    ctx = WorkContext(plan.source, plan.source_manifest.model, plan.target_cfg, plan.clone, tmp, o.chunk_bytes,
+                      o.direct_io)
     data_bytes = {f.rel: sum(t.nbytes for t in f.tensors) for f in plan.files}
     bar = tqdm(total=sum(data_bytes.values()), initial=sum(data_bytes[r] for r in done), unit="B",
                unit_scale=True, unit_divisor=1024, desc=f"convert -> tp{plan.tp_size} pp{plan.pp_size}",
@@ -375,10 +375,13 @@ def execute_plan(plan: ConversionPlan) -> ConversionReport:
     manifest = make_manifest(plan.target_cfg, plan.step, plan.tp_size, plan.pp_size,
                              tokenizer="tokenizer.model" if src.tokenizer else None, data=dict(src.data),
                              files=files, provenance=_provenance(plan),
-                             optimizer=carried_record(src, {f.rel: done[f.rel] for f in plan.files}))
+                             optimizer=carried_record(src, {f.rel: done[f.rel] for f in plan.files}),
+                             other_files=tokenizer_digests(tmp, src.tokenizer), settings=src.settings)
     write_manifest(tmp, manifest)
     if o.verify:
-        report.verify = verify_conversion(plan.source, tmp, widened=plan.clone is not None)
+        report.verify = verify_conversion(plan.source, tmp, widened=plan.clone is not None,
+                                          preserving=plan.clone is None or
+                                          depth_plan(plan.source_manifest.model, plan.clone).preserving)
     (tmp / STATE_NAME).unlink()  # the journal must not be committed with the checkpoint
     report.output = commit_checkpoint(tmp)
     report.bytes_written = sum(f.digest["bytes"] for f in report.files)

@@ -11,6 +11,10 @@ tests check, so a converted file and one saved by training are interchangeable a
 Hashing and writing run on two background threads (both release the GIL), at most `depth` chunks behind
 the caller, so computing the next chunk overlaps hashing and writing the previous ones. The file is not
 fsynced here: the converter syncs every file once, at the end, before it commits the directory.
+
+Where the filesystem allows it the data goes around the page cache (`DirectFile`, O_DIRECT): the kernel then
+neither copies every byte into cache pages nor writes them back at the fsync, which was the largest cost of a
+conversion (docs/performance.md). Elsewhere (tmpfs, other systems) the file is written through the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import sys
 from collections import deque
@@ -25,10 +30,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 Entry = tuple[str, tuple[int, ...]]  # (tensor name, shape); every tensor is F32
 DTYPE_BYTES = 4
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of the block size (at most this)
+STAGE_BYTES = 8 << 20  # DirectFile's staging buffer: data reaches the disk in writes of this size
 
 
 def sorted_entries(entries: list[Entry]) -> list[Entry]:
@@ -56,6 +64,87 @@ def planned_file_bytes(entries: list[Entry], metadata: dict[str, str] | None = N
     return len(safetensors_header(entries, metadata)) + sum(math.prod(s) for _, s in entries) * DTYPE_BYTES
 
 
+class DirectFile:
+    """A file written as one byte stream with O_DIRECT, or through the page cache where O_DIRECT is refused.
+
+    O_DIRECT needs aligned buffers, offsets and lengths, and the stream's pieces (a header, 4 MiB chunks) are
+    neither: they are gathered in a page-aligned staging buffer and written STAGE_BYTES at a time; the tail goes
+    out padded to the block size, and the file is then truncated to the stream's length. The data is on the
+    device when a write returns; an fsync still makes the length and the device's cache durable.
+    """
+
+    def __init__(self, path: Path, direct: bool = True):
+        self.path = path
+        self.size = 0  # bytes of the stream so far
+        self._fill = 0  # bytes waiting in the staging buffer
+        self._written = 0  # bytes of the staging buffer written so far
+        self._fd = -1
+        self._stage = None
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+                self._buffer = mmap.mmap(-1, STAGE_BYTES)  # anonymous: page aligned
+                self._stage = np.frombuffer(self._buffer, dtype=np.uint8)
+            except OSError:  # e.g. tmpfs: EINVAL
+                self._fd = -1
+        if self._fd < 0:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    @property
+    def direct(self) -> bool:
+        return self._stage is not None
+
+    def write(self, data: Any) -> None:
+        """Append `data` (bytes or any buffer)."""
+        view = memoryview(data).cast("B")
+        self.size += view.nbytes
+        src = np.frombuffer(view, dtype=np.uint8)
+        while src.size:
+            if not self.direct:  # from the start, or since a refused write
+                self._write_all(memoryview(src))
+                return
+            take = min(src.size, STAGE_BYTES - self._fill)
+            self._stage[self._fill: self._fill + take] = src[:take]  # numpy copies without the GIL
+            self._fill += take
+            src = src[take:]
+            if self._fill == STAGE_BYTES:
+                self._write_stage(STAGE_BYTES)
+
+    def _write_stage(self, nbytes: int) -> None:
+        try:
+            self._write_all(memoryview(self._buffer)[:nbytes])
+        except OSError:  # a filesystem that accepted the flag at open but refuses the write: go through the cache
+            if self._written:
+                raise
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._stage = None
+            self._write_all(memoryview(self._buffer)[: self._fill])
+        self._written += nbytes
+        self._fill = 0
+
+    def _write_all(self, view: memoryview) -> None:
+        while view.nbytes:
+            view = view[os.write(self._fd, view):]
+
+    def close(self) -> None:
+        """Write what is staged (padded, then truncated to the stream's length) and close."""
+        if self._fd < 0:
+            return
+        try:
+            if self.direct and self._fill:
+                padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
+                self._stage[self._fill: padded] = 0
+                self._write_stage(padded)
+                os.ftruncate(self._fd, self.size)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            if self._stage is not None:
+                self._stage = None
+                self._buffer.close()
+
+
 class StreamingShardWriter:
     """Write one safetensors file: `write(chunk)` in header order, then `finish()` renames it into place.
 
@@ -64,14 +153,14 @@ class StreamingShardWriter:
     """
 
     def __init__(self, path: str | Path, entries: list[Entry], metadata: dict[str, str] | None = None,
-                 depth: int = 4):
+                 depth: int = 4, direct: bool = True):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors stores little-endian data; this writer copies native bytes")
         self.path = Path(path)
         self.entries = sorted_entries(entries)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.tmp, "wb")
+        self._file = DirectFile(self.tmp, direct)
         self._hash = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-hash")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-write")

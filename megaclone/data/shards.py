@@ -10,7 +10,9 @@ The index is renamed into place after its .bin, so an index on disk always descr
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -21,6 +23,9 @@ from tqdm import tqdm
 
 from megaclone.data.corpus import iter_documents
 from megaclone.data.tokenizer import Tokenizer, train_tokenizer
+
+log = logging.getLogger("megaclone.data")  # a run's console shows these lines (megaclone.train.logging)
+PROGRESS_LOG_S = 10.0  # a progress line this often while tokenizing
 
 SHARD_FORMAT = "megaclone-token-shard"
 SHARD_VERSION = 1
@@ -69,8 +74,12 @@ def _tokenize_to_file(documents: Iterable[str], tokenizer: Tokenizer, path: Path
     pending_tokens = 0
     eos = [tokenizer.eos_id]
     total = len(documents) if hasattr(documents, "__len__") else None
+    said = time.monotonic()
     with open(path, "wb") as f, tqdm(total=total, unit="doc", desc="tokenizing", disable=None) as progress:
         for batch in _batches(documents, _ENCODE_BATCH_DOCS):
+            if time.monotonic() - said >= PROGRESS_LOG_S:  # the bar shows only on a terminal; a log file gets lines
+                log.info(f"data: tokenized {len(offsets) - 1} documents, {offsets[-1]:,} tokens")
+                said = time.monotonic()
             for ids in tokenizer.encode_batch(batch):
                 tokens = np.asarray(ids + eos, dtype=dtype)
                 pending.append(tokens)
@@ -258,6 +267,7 @@ def prepare_data(
     if tokenizer_path is None:
         tokenizer_path = Path(f"{output_prefix}_tokenizer.model")
         if not (reuse and tokenizer_path.is_file()):
+            log.info(f"data: training a {vocab_size}-piece tokenizer at {tokenizer_path}")
             tokenizer_path = train_tokenizer(f"{output_prefix}_tokenizer", vocab_size, paths, text_key, seed=seed)
     tokenizer = Tokenizer.load(tokenizer_path)
     if reuse:
@@ -266,5 +276,7 @@ def prepare_data(
         except (FileNotFoundError, ValueError):
             shards = []
         if shards and all(s.tokenizer_sha256 == tokenizer.sha256 for s in shards):
+            log.info(f"data: reusing the token shards {output_prefix}_{{train,valid}}.bin")
             return {s.index["split"]: s.index for s in shards}
+    log.info(f"data: tokenizing into {output_prefix}_{{train,valid}}.bin")
     return write_token_shards(iter_documents(paths, text_key), tokenizer, output_prefix, valid_fraction, seed)

@@ -18,7 +18,8 @@ import torch
 
 from megaclone.checkpoint import CheckpointError, Manifest, ShardReader, read_manifest, write_weights_checkpoint
 from megaclone.config import ParallelConfig
-from megaclone.hf.families import FAMILIES, config_from_hf, config_to_hf, infer_family
+from megaclone.hf.export_config import config_to_hf, infer_family
+from megaclone.hf.families import FAMILIES, config_from_hf
 from megaclone.hf.files import (
     CONFIG_NAME,
     DTYPES,
@@ -28,7 +29,7 @@ from megaclone.hf.files import (
     read_hf_config,
     write_hf_dir,
 )
-from megaclone.hf.tensors import IGNORED_SUFFIXES, assemble, hf_tensor_shapes, tensor_map
+from megaclone.hf.tensors import IGNORED_SUFFIXES, assemble, find_prefix, hf_tensor_shapes, tensor_map
 from megaclone.spec import normalize_index, spec_table
 
 PROVENANCE_KEY = "hf_import"
@@ -85,8 +86,7 @@ def import_hf_checkpoint(hf_dir: str | Path, output: str | Path, tp_size: int = 
     family, cfg = config_from_hf(read_hf_config(hf_dir), vocab_multiple, where=str(Path(hf_dir) / CONFIG_NAME))
     ParallelConfig(tp_size=tp_size, pp_size=pp_size, zero_stage=0).validate(cfg)
     with HFCheckpoint(hf_dir) as hf:
-        prefix = "transformer." if "transformer.wte.weight" in hf.where else ""
-        tmap = tensor_map(family, cfg, gpt2_prefix=prefix)
+        tmap = tensor_map(family, cfg, find_prefix(family, hf.where))
         specs = spec_table(cfg)
         assert set(tmap) == set(specs), sorted(set(tmap) ^ set(specs))
         dtypes = _check_tensors(hf, hf_tensor_shapes(tmap), cfg.tied_embeddings)

@@ -155,20 +155,30 @@ class Interleaved:
 Transform = Rows | GroupedQKV | Interleaved
 
 
-def _llama_map(cfg: ModelConfig) -> dict[str, Transform]:
+# Where the Llama-like families keep the two block norms (attn_norm, mlp_norm). OLMo-2 norms each branch's output.
+_BLOCK_NORMS = {"olmo2": ("post_attention_layernorm", "post_feedforward_layernorm")}
+
+
+def _llama_map(cfg: ModelConfig, family: str) -> dict[str, Transform]:
+    """Llama, Mistral, Qwen2, OLMo (norms without parameters), OLMo-2 (+ QK-norm) and Gemma."""
     d, V, hd, H, G, F = (cfg.hidden_size, cfg.vocab_size, cfg.head_size, cfg.num_heads, cfg.num_query_groups,
                          cfg.ffn_size)
+    attn_norm, mlp_norm = _BLOCK_NORMS.get(family, ("input_layernorm", "post_attention_layernorm"))
     m: dict[str, Transform] = {param_name("embedding"): Rows(Part("model.embed_tokens.weight", (V, d)),
                                                               cfg.padded_vocab_size)}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        m[param_name("attn_norm", i)] = Rows(Part(p + "input_layernorm.weight", (d,)))
+        if cfg.norm_affine:
+            m[param_name("attn_norm", i)] = Rows(Part(f"{p}{attn_norm}.weight", (d,)))
+            m[param_name("mlp_norm", i)] = Rows(Part(f"{p}{mlp_norm}.weight", (d,)))
         for bias in ((False, True) if cfg.has_qkv_bias else (False,)):
             kind, tail = ("bias", ()) if bias else ("weight", (d,))
             q, k, v = (Part(f"{p}self_attn.{x}_proj.{kind}", (rows * hd, *tail)) for x, rows in zip("qkv", (H, G, G)))
             m[param_name("qkv", i, bias)] = GroupedQKV(q, k, v, G, cfg.heads_per_group, hd)
+        if cfg.qk_norm:  # over all heads, in head order: megaclone's order of the q heads and the k heads too
+            m[param_name("q_norm", i)] = Rows(Part(p + "self_attn.q_norm.weight", (H * hd,)))
+            m[param_name("k_norm", i)] = Rows(Part(p + "self_attn.k_norm.weight", (G * hd,)))
         m[param_name("attn_out", i)] = Rows(Part(p + "self_attn.o_proj.weight", (d, H * hd)))
-        m[param_name("mlp_norm", i)] = Rows(Part(p + "post_attention_layernorm.weight", (d,)))
         m[param_name("mlp_gate_up", i)] = Interleaved(Part(p + "mlp.gate_proj.weight", (F, d)),
                                                       Part(p + "mlp.up_proj.weight", (F, d)))
         m[param_name("mlp_out", i)] = Rows(Part(p + "mlp.down_proj.weight", (d, F)))
@@ -177,7 +187,8 @@ def _llama_map(cfg: ModelConfig) -> dict[str, Transform]:
             m[param_name("mlp_gate_up", i, True)] = Interleaved(Part(p + "mlp.gate_proj.bias", (F,)),
                                                                 Part(p + "mlp.up_proj.bias", (F,)))
             m[param_name("mlp_out", i, True)] = Rows(Part(p + "mlp.down_proj.bias", (d,)))
-    m[param_name("final_norm")] = Rows(Part("model.norm.weight", (d,)))
+    if cfg.norm_affine:
+        m[param_name("final_norm")] = Rows(Part("model.norm.weight", (d,)))
     if not cfg.tied_embeddings:
         m[param_name("lm_head")] = Rows(Part("lm_head.weight", (V, d)), cfg.padded_vocab_size)
     return m
@@ -231,16 +242,64 @@ def _gpt2_map(cfg: ModelConfig, prefix: str) -> dict[str, Transform]:
     return m
 
 
-def tensor_map(family: str, cfg: ModelConfig, gpt2_prefix: str = "transformer.") -> dict[str, Transform]:
+def _opt_map(cfg: ModelConfig, prefix: str) -> dict[str, Transform]:
+    """OPT: learned positions with 2 extra rows in front, project_in / project_out when word_embed_proj_dim differs
+    from the hidden size, no final norm in post-norm models."""
+    d, V, F, e, hd = cfg.hidden_size, cfg.vocab_size, cfg.ffn_size, cfg.embedding_size, cfg.head_size
+    m: dict[str, Transform] = {
+        param_name("embedding"): Rows(Part(prefix + "embed_tokens.weight", (V, e)), cfg.padded_vocab_size),
+        param_name("pos_embedding"): Rows(Part(prefix + "embed_positions.weight",
+                                               (cfg.max_seq_len + cfg.position_offset, d)))}
+    if cfg.has_projections:
+        m[param_name("project_in")] = Rows(Part(prefix + "project_in.weight", (d, e)))
+        m[param_name("project_out")] = Rows(Part(prefix + "project_out.weight", (e, d)))
+    for i in range(cfg.num_layers):
+        p = f"{prefix}layers.{i}."
+        if cfg.norm_affine:
+            _norm(m, "attn_norm", i, p + "self_attn_layer_norm", d)
+            _norm(m, "mlp_norm", i, p + "final_layer_norm", d)
+        for bias in ((False, True) if cfg.bias else (False,)):
+            kind, tail = ("bias", ()) if bias else ("weight", (d,))
+            q, k, v = (Part(f"{p}self_attn.{x}_proj.{kind}", (d, *tail)) for x in "qkv")
+            m[param_name("qkv", i, bias)] = GroupedQKV(q, k, v, cfg.num_heads, 1, hd)
+            for slot, name, shape in (("attn_out", "self_attn.out_proj", (d, d)), ("mlp_in", "fc1", (F, d)),
+                                      ("mlp_out", "fc2", (d, F))):
+                m[param_name(slot, i, bias)] = Rows(Part(f"{p}{name}.{kind}", shape[:1] if bias else shape))
+    if cfg.final_norm and cfg.norm_affine:
+        _norm(m, "final_norm", None, prefix + "final_layer_norm", d)
+    if not cfg.tied_embeddings:
+        m[param_name("lm_head")] = Rows(Part("lm_head.weight", (V, e)), cfg.padded_vocab_size)
+    return m
+
+
+# The prefix of each family's tensor names (the first), and the one of checkpoints saved from the base model
+# (GPT-2's and OPT's original checkpoints).
+PREFIXES = {"gpt2": ("transformer.", ""), "opt": ("model.decoder.", "decoder.")}
+
+
+def find_prefix(family: str, names: set[str] | dict[str, str]) -> str | None:
+    """The tensor-name prefix a checkpoint of `family` uses (None: the family has only one spelling)."""
+    if family not in PREFIXES:
+        return None
+    full, bare = PREFIXES[family]
+    return full if any(name.startswith(full) for name in names) else bare
+
+
+def tensor_map(family: str, cfg: ModelConfig, prefix: str | None = None) -> dict[str, Transform]:
     """megaclone global name -> the HF blocks it is made of, for every parameter of `cfg`.
 
-    GPT-2 checkpoints name their tensors with or without the `transformer.` prefix (`gpt2_prefix`).
+    GPT-2 and OPT checkpoints name their tensors with or without `transformer.` / `model.` in front (`prefix`,
+    default: with it; see `find_prefix`).
     """
+    if family in PREFIXES and prefix is None:
+        prefix = PREFIXES[family][0]
     if family == "gpt_neox":
         return _neox_map(cfg)
     if family == "gpt2":
-        return _gpt2_map(cfg, gpt2_prefix)
-    return _llama_map(cfg)
+        return _gpt2_map(cfg, prefix)
+    if family == "opt":
+        return _opt_map(cfg, prefix)
+    return _llama_map(cfg, family)
 
 
 def hf_tensor_shapes(tmap: dict[str, Transform]) -> dict[str, tuple[int, ...]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from megaclone.config import ModelConfig
 from megaclone.parallel import (
     ColumnParallelLinear,
+    ColumnParallelNorm,
     RowParallelLinear,
     TPGroup,
     TPRNGTracker,
@@ -28,20 +30,80 @@ from megaclone.parallel import (
 )
 
 
-def build_norm(cfg: ModelConfig) -> nn.Module:
-    """LayerNorm or RMSNorm over the hidden axis; NVIDIA apex's fused kernels when installed on GPU."""
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm left unfilled, like the parallel layers: its values come from the spec table or a checkpoint,
+    so a load never overwrites an initialisation (a cloned or resumed launch writes every parameter once)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm left unfilled (see LayerNorm)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class PositionEmbedding(nn.Embedding):
+    """Learned positions, nn.Embedding left unfilled (see LayerNorm)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class UnitOffsetNorm(nn.Module):
+    """RMSNorm or LayerNorm whose gain is 1 + weight, computed in fp32 as Gemma's RMSNorm: weight 0 is the identity."""
+
+    def __init__(self, size: int, eps: float, rms: bool):
+        super().__init__()
+        self.size, self.eps, self.rms = size, eps, rms
+        self.weight = nn.Parameter(torch.zeros(size))  # the identity, as nn.LayerNorm starts
+        self.bias = None if rms else nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = F.rms_norm if self.rms else F.layer_norm
+        y = norm(x.float(), (self.size,), eps=self.eps) * (1.0 + self.weight.float())
+        return (y if self.bias is None else y + self.bias.float()).type_as(x)
+
+
+def norm_class(cfg: ModelConfig, size: int | None = None) -> tuple[type[nn.Module], dict]:
+    """Class and arguments of the model's norm over `size` features (default: hidden), as DeepSpeed's LayerSpec
+    takes them. NVIDIA apex's fused kernels when installed on GPU (same parameters, same math)."""
+    size = size or cfg.hidden_size
+    rms = cfg.norm == "rmsnorm"
+    if cfg.norm_unit_offset:
+        return UnitOffsetNorm, dict(size=size, eps=cfg.norm_eps, rms=rms)
+    cls: type[nn.Module] = RMSNorm if rms else LayerNorm  # unfilled: the spec table or a checkpoint fills it
     if torch.cuda.is_available():
-        try:  # optional accelerator: same parameters (weight, bias), same math
+        try:  # optional accelerator
             from apex.normalization import FusedLayerNorm, FusedRMSNorm
 
-            if cfg.norm == "layernorm":
-                return FusedLayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-            return FusedRMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+            cls = FusedRMSNorm if rms else FusedLayerNorm
         except ImportError:
             pass
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return cls, dict(normalized_shape=size, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
+
+
+def build_norm(cfg: ModelConfig, size: int | None = None) -> nn.Module:
+    """LayerNorm or RMSNorm over `size` features (default: the hidden axis), with the config's options."""
+    cls, kwargs = norm_class(cfg, size)
+    return cls(**kwargs)
+
+
+def activation_fn(cfg: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP's elementwise function (of the gate, for the gated activations)."""
+    return {"gelu": functools.partial(F.gelu, approximate="tanh"), "gelu_exact": F.gelu, "relu": F.relu,
+            "swiglu": F.silu, "geglu": functools.partial(F.gelu, approximate="tanh")}[cfg.activation]
+
+
+def residual(x: torch.Tensor, branch: nn.Module, norm: nn.Module, placement: str, dropout: nn.Module) -> torch.Tensor:
+    """One residual step with the norm where the config puts it (`ModelConfig.norm_placement`)."""
+    if placement == "pre":
+        return x + dropout(branch(norm(x)))
+    if placement == "post":  # OPT-350m: the residual stream itself is normed
+        return norm(x + dropout(branch(x)))
+    return x + dropout(norm(branch(x)))  # "branch": the norm on the branch's output (OLMo-2)
 
 
 @dataclass(frozen=True)
@@ -128,15 +190,24 @@ class Attention(nn.Module):
         self.dropout_p, self.rng = cfg.attention_dropout, rng
         unit = (self.heads_per_group + 2) * cfg.head_size
         self.qkv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * unit, tp, cfg.has_qkv_bias)
+        if cfg.qk_norm:  # over all heads of all ranks (OLMo-2)
+            self.q_norm, self.k_norm = (
+                ColumnParallelNorm(size * cfg.head_size, tp, cfg.norm_eps, cfg.norm == "rmsnorm", cfg.norm_affine,
+                                   cfg.norm_unit_offset) for size in (cfg.num_heads, cfg.num_query_groups))
+        else:
+            self.q_norm = self.k_norm = None
         self.out = RowParallelLinear(cfg.num_heads * cfg.head_size, cfg.hidden_size, tp, cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         hpg, hd = self.heads_per_group, self.head_size
         qkv = self.qkv(x).view(b, s, self.groups, hpg + 2, hd)  # [batch, seq, groups, q heads + k + v, head]
-        q = qkv[:, :, :, :hpg].reshape(b, s, self.groups * hpg, hd).transpose(1, 2)  # [batch, heads, seq, head]
-        k = qkv[:, :, :, hpg].transpose(1, 2)  # [batch, groups, seq, head]
-        v = qkv[:, :, :, hpg + 1].transpose(1, 2)
+        q, k, v = qkv[:, :, :, :hpg], qkv[:, :, :, hpg], qkv[:, :, :, hpg + 1]  # k, v: [batch, seq, groups, head]
+        if self.q_norm is not None:  # normed over [local heads x head], statistics over all ranks' heads
+            q = self.q_norm(q.reshape(b, s, -1)).view(b, s, self.groups, hpg, hd)
+            k = self.k_norm(k.reshape(b, s, -1)).view(b, s, self.groups, hd)
+        q = q.reshape(b, s, self.groups * hpg, hd).transpose(1, 2)  # [batch, heads, seq, head]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [batch, groups, seq, head]
         if self.rope is not None:
             cos, sin = cached_cos_sin(self.rope, s, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -151,12 +222,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP or SwiGLU; the fused gate/up weight holds rows [gate_u, up_u] per FFN unit u."""
+    """GELU or ReLU MLP, or gated (SwiGLU, GeGLU); the fused gate/up weight holds rows [gate_u, up_u] per unit u."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
-        self.gated = cfg.activation == "swiglu"
-        self.approximate = "none" if cfg.activation == "gelu_exact" else "tanh"
+        self.gated, self.act = cfg.gated, activation_fn(cfg)
         if self.gated:
             self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_size, tp, cfg.bias)
         else:
@@ -166,18 +236,19 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate_up = self.gate_up(x).unflatten(-1, (-1, 2))  # [batch, seq, local ffn, 2]
-            h = F.silu(gate_up[..., 0]) * gate_up[..., 1]
+            h = self.act(gate_up[..., 0]) * gate_up[..., 1]
         else:
-            h = F.gelu(self.fc_in(x), approximate=self.approximate)  # [batch, seq, local ffn]
+            h = self.act(self.fc_in(x))  # [batch, seq, local ffn]
         return self.fc_out(h)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); or both branches on x (parallel residual)."""
+    """Attention then MLP, each a residual step with its norm before, after or on the branch (`residual`);
+    or both branches on x (parallel residual)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: TPRNGTracker | None = None):
         super().__init__()
-        self.parallel_residual = cfg.parallel_residual
+        self.parallel_residual, self.placement = cfg.parallel_residual, cfg.norm_placement
         self.attn_norm = build_norm(cfg)
         self.attn = Attention(cfg, tp, rng)
         self.mlp_norm = build_norm(cfg)
@@ -187,24 +258,51 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel_residual:  # GPT-NeoX: the MLP reads the block input, not the attention's output
             return x + self.dropout(self.attn(self.attn_norm(x))) + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = x + self.dropout(self.attn(self.attn_norm(x)))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = residual(x, self.attn, self.attn_norm, self.placement, self.dropout)
+        return residual(x, self.mlp, self.mlp_norm, self.placement, self.dropout)
+
+
+def embedding_scale(cfg: ModelConfig) -> float | None:
+    """Gemma multiplies the token embeddings by sqrt(hidden_size); None for the other models."""
+    return cfg.hidden_size ** 0.5 if cfg.scale_embeddings else None
+
+
+def embed(tokens: torch.Tensor, word: nn.Module, scale: float | None, project_in: nn.Module,
+          position: nn.Module | None, offset: int) -> torch.Tensor:
+    """The block input [batch, seq, hidden]: token embedding, scaled (Gemma), projected to the hidden size and plus
+    learned positions (OPT reads position p at row p + 2). Shared by the TP model and the reference."""
+    x = word(tokens)  # [batch, seq, embed]
+    if scale is not None:  # rounded to the activations' dtype first, as Gemma does
+        x = x * torch.tensor(scale, dtype=x.dtype, device=x.device)
+    x = project_in(x)  # [batch, seq, hidden]; the identity unless embed_size != hidden_size
+    if position is not None:
+        x = x + position(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
+    return x
 
 
 class Embedding(nn.Module):
-    """Token embedding (vocabulary split across TP) plus learned positions when configured."""
+    """Token embedding (vocabulary split across TP), then project_in and learned positions when configured."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
-        self.word = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, tp)
-        self.position = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        self.word = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.embedding_size, tp)
+        self.scale, self.offset = embedding_scale(cfg), cfg.position_offset
+        self.project_in = nn.Linear(cfg.embedding_size, cfg.hidden_size, bias=False) if cfg.has_projections \
+            else nn.Identity()  # replicated: small, and its input (the embedding) is replicated
+        self.position = PositionEmbedding(cfg.max_seq_len + cfg.position_offset, cfg.hidden_size) \
+            if cfg.position == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.word(tokens)  # [batch, seq, hidden]
-        if self.position is not None:
-            x = x + self.position(torch.arange(tokens.shape[1], device=tokens.device))
-        return self.dropout(x)
+        return self.dropout(embed(tokens, self.word, self.scale, self.project_in, self.position, self.offset))
+
+
+def build_final_layers(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """(final_norm, project_out) between the last block and the LM head; nn.Identity where the model has none."""
+    final_norm = build_norm(cfg) if cfg.final_norm else nn.Identity()
+    project_out = nn.Linear(cfg.hidden_size, cfg.embedding_size, bias=False) if cfg.has_projections \
+        else nn.Identity()
+    return final_norm, project_out
 
 
 def parallel_logits(x: torch.Tensor, weight: torch.Tensor, tp: TPGroup) -> torch.Tensor:
@@ -221,15 +319,15 @@ class GPT(nn.Module):
         self.cfg, self.tp = cfg, tp
         self.embedding = Embedding(cfg, tp)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, tp, rng) for _ in range(cfg.num_layers))
-        self.final_norm = build_norm(cfg)
+        self.final_norm, self.project_out = build_final_layers(cfg)
         self.lm_head = None if cfg.tied_embeddings else ColumnParallelLinear(
-            cfg.hidden_size, cfg.padded_vocab_size, tp, bias=False)
+            cfg.embedding_size, cfg.padded_vocab_size, tp, bias=False)
 
     def local_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embedding(tokens)
         for block in self.blocks:
             x = block(x)
-        x = self.final_norm(x)
+        x = self.project_out(self.final_norm(x))  # [batch, seq, embed]
         weight = self.embedding.word.weight if self.lm_head is None else self.lm_head.weight
         return parallel_logits(x, weight, self.tp)  # [batch, seq, V_padded / tp]
 

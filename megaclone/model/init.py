@@ -13,7 +13,7 @@ from torch import nn
 
 from megaclone.config import ModelConfig
 from megaclone.rng import counter_normal
-from megaclone.spec import ParamSpec, build_param_specs
+from megaclone.spec import NORM_ROLES, ParamSpec, build_param_specs
 
 _OUTPUT_ROLES = ("attn_out", "mlp_out")  # scaled by 1/sqrt(2 L), as in GPT-2
 
@@ -21,8 +21,8 @@ _OUTPUT_ROLES = ("attn_out", "mlp_out")  # scaled by 1/sqrt(2 L), as in GPT-2
 def init_value(spec: ParamSpec, cfg: ModelConfig, seed: int, tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
     """The initial value of the TP shard `tp_rank` of parameter `spec`."""
     shape = spec.tp_shape(tp_size)
-    if spec.role in ("norm", "final_norm"):
-        return torch.ones(shape) if not spec.is_bias else torch.zeros(shape)
+    if spec.role in NORM_ROLES:  # the identity: gain 1 (stored as 0 when the gain is 1 + weight), bias 0
+        return torch.ones(shape) if not (spec.is_bias or cfg.norm_unit_offset) else torch.zeros(shape)
     if spec.is_bias:
         return torch.zeros(shape)
     std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if spec.role in _OUTPUT_ROLES else cfg.init_std

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaclone.parallel.layout import TPGroup
-from megaclone.parallel.mappings import copy_to_tp_region, reduce_from_tp_region
+from megaclone.parallel.mappings import copy_to_tp_region, reduce_from_tp_region, sum_over_tp_region
 
 
 def _mark_split(param: nn.Parameter, dim: int) -> None:
@@ -83,3 +83,38 @@ class RowParallelLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = reduce_from_tp_region(F.linear(x, self.weight), self.tp)  # the bias is added once, after the sum
         return y if self.bias is None else y + self.bias
+
+
+class ColumnParallelNorm(nn.Module):
+    """LayerNorm or RMSNorm over features that a column-parallel layer split (OLMo-2's QK-norm over all heads).
+
+    Rank r holds its slice of the features and of the weight (and bias); the sums behind the mean and the
+    variance are added up over the TP group, so every rank normalises with the statistics of the whole axis.
+    Computed in fp32. `unit_offset`: the gain is 1 + weight (Gemma's convention).
+    """
+
+    def __init__(self, size: int, tp: TPGroup, eps: float, rms: bool, affine: bool = True, unit_offset: bool = False):
+        super().__init__()
+        self.tp, self.size, self.eps, self.rms, self.unit_offset = tp, size, eps, rms, unit_offset
+        local = _divide(size, tp, "normalized size")
+        self.weight = nn.Parameter(torch.empty(local)) if affine else None
+        self.bias = nn.Parameter(torch.empty(local)) if affine and not rms else None
+        if tp.size > 1:
+            for p in (self.weight, self.bias):
+                if p is not None:
+                    _mark_split(p, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.rms:
+            mean_sq = sum_over_tp_region(xf.square().sum(-1, keepdim=True), self.tp) / self.size
+            y = xf * torch.rsqrt(mean_sq + self.eps)
+        else:
+            sums = sum_over_tp_region(torch.stack([xf.sum(-1), xf.square().sum(-1)], dim=-1), self.tp) / self.size
+            mean = sums[..., :1]
+            y = (xf - mean) * torch.rsqrt(sums[..., 1:] - mean.square() + self.eps)
+        if self.weight is not None:
+            y = y * (1.0 + self.weight.float() if self.unit_offset else self.weight.float())
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)

@@ -4,6 +4,8 @@ copy_to_tp_region      forward: identity      backward: all-reduce   (enters a c
 reduce_from_tp_region  forward: all-reduce    backward: identity     (leaves a row-parallel layer)
 gather_from_tp_region  forward: all-gather    backward: split        (last dim)
 scatter_to_tp_region   forward: split         backward: all-gather   (last dim)
+sum_over_tp_region     forward: all-reduce    backward: all-reduce   (a statistic of a split axis that every rank
+                                                                      uses, e.g. a norm's over all heads)
 """
 
 from __future__ import annotations
@@ -79,6 +81,18 @@ class _ScatterToTP(torch.autograd.Function):
         return _gather_last(grad, ctx.tp), None
 
 
+class _SumOverTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _all_reduce(x.clone(), tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's output depends on every rank's input, and each rank's grad covers only its own use of it
+        return _all_reduce(grad.clone(), ctx.tp), None
+
+
 def copy_to_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return x if tp.size == 1 else _CopyToTP.apply(x, tp)
 
@@ -93,3 +107,7 @@ def gather_from_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
 
 def scatter_to_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return x if tp.size == 1 else _ScatterToTP.apply(x, tp)
+
+
+def sum_over_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _SumOverTP.apply(x, tp)

@@ -10,6 +10,10 @@ optimizer state")
     weight decay   wd * s        so that lr * wd, the decoupled decay per step, is kept
     clipping       on sqrt(sum_g w_g ||grad_g||^2), w = p^2 / c: the norm the small model would see
 
+Depth growth: the moments of a copied block are its source block's (widened as above), those of the zeroed
+output projections of an inserted block start at zero (megaclone.clone.moments); the groups and the clipping
+weights are those of the width factors, for every block.
+
 Parameters with equal (decay, s, p, c) share one AdamW group, so every multiplier is a group setting. After
 the widening an optional transition moves each group to the run's own values over `lr_transition` steps,
 geometrically: multiplier(t) = multiplier^(1 - t), t = (step - clone step) / lr_transition clamped to [0, 1].
@@ -28,6 +32,17 @@ TP; `install_small_norm_clipping` replaces it on the engine's ZeRO optimizer wit
 The clip coefficient, the logged grad_norm and the partitioned gradients then behave exactly as in the small
 run, at any DP size and for the pipeline engine (ZeRO-1) too; no gradient is touched twice. ZeRO-0 and ZeRO-3
 use other code paths and are refused for carry runs.
+
+Where the carry lives: one module per layer, each the only owner of its part, so imports stay one-way (a package
+of its own would import the engine, the AdamW groups and the converter's jobs while they import it):
+
+    megaclone/clone/moments.py           the math: (s, p, c) of every widened parameter, the widened moments
+    megaclone/checkpoint/optim_state.py  the optim/ files beside the weights, their manifest record, their reader
+    megaclone/train/carry.py             (this module) a carry run's AdamW groups, schedule, transition, clipping,
+                                         its settings (from the launch or a carry run's checkpoint) and its engine
+    megaclone/train/state_io.py          optimizer state into and out of DeepSpeed: for saves, for an elastic resume,
+                                         and the widened moments of a carry launch (`start_carried_run`)
+    megaclone/convert/carry.py           the offline path: tools/reshard_expand.py --optimizer carry
 """
 
 from __future__ import annotations
@@ -43,10 +58,20 @@ import torch
 from torch import nn
 
 from megaclone.checkpoint import Manifest
-from megaclone.clone import CarryFactors, carry_factors, clone_factors, widen_model_config
+from megaclone.clone import (
+    CarryFactors,
+    carry_factors,
+    check_carry_possible,
+    clone_factors,
+    describe_growth,
+    grown_model_config,
+)
 from megaclone.config import CloneConfig, ConfigError, ModelConfig, RunConfig, TrainConfig, model_config_from_dict
+from megaclone.model import global_named_parameters
 from megaclone.spec import spec_table
+from megaclone.train.engine import initialize_engine
 from megaclone.train.optim import adamw, build_param_groups, lr_factor
+from megaclone.train.zero_fast import install_grad_norm
 
 log = logging.getLogger("megaclone.train")
 
@@ -71,6 +96,10 @@ def check_carry_plan(cfg: RunConfig, source: Manifest, path: Path) -> None:
     if source.optimizer is None:
         raise ConfigError(f"--hyperclone-optimizer carry: {path} holds no optimizer state (its manifest has no "
                           "'optimizer' entry and no optim/ files); widen it with the fresh optimizer instead")
+    try:
+        check_carry_possible(source.model, cfg.clone)
+    except ValueError as e:
+        raise ConfigError(f"--hyperclone-optimizer carry from {path}: {e}") from e
     if cfg.clone.schedule == "restart":
         source_lr(source, path)
     if cfg.train.train_iters <= source.step:
@@ -81,7 +110,7 @@ def check_carry_plan(cfg: RunConfig, source: Manifest, path: Path) -> None:
 def parameter_factors(names: Iterable[str], small_cfg: ModelConfig, clone_cfg: CloneConfig) -> dict[str, CarryFactors]:
     """Global name -> (s, p, c) of every named widened parameter."""
     n, m = clone_factors(clone_cfg)
-    specs = spec_table(widen_model_config(small_cfg, n, m))
+    specs = spec_table(grown_model_config(small_cfg, clone_cfg))
     return {name: carry_factors(specs[name], small_cfg, n, m) for name in names}
 
 
@@ -96,7 +125,7 @@ def build_carry_param_groups(params: dict[str, nn.Parameter], small_cfg: ModelCo
     factors = parameter_factors(params, small_cfg, clone_cfg)
     names = {id(p): name for name, p in params.items()}
     keyed: dict[tuple, list[nn.Parameter]] = {}
-    for base in build_param_groups(params, widen_model_config(small_cfg, *clone_factors(clone_cfg)), train):
+    for base in build_param_groups(params, grown_model_config(small_cfg, clone_cfg), train):
         for param in base["params"]:
             f = factors[names[id(param)]]
             key = (f.value_scale, f.grad_scale, f.copies, base["name"], base["weight_decay"])
@@ -214,8 +243,6 @@ def clip_to_small_norm_(groups: list[dict], max_norm: float) -> torch.Tensor:
 
 def install_small_norm_clipping(engine: Any) -> None:
     """Make the engine's ZeRO-1/2 optimizer clip on the small model's norm (see the module docstring)."""
-    from megaclone.train.zero_fast import install_grad_norm
-
     def small_norm(zero: Any, norms: list[torch.Tensor]) -> torch.Tensor:
         total = None
         for group, norm in zip(zero.optimizer.param_groups, norms):
@@ -280,7 +307,8 @@ def carry_resume_settings(manifest: Manifest, path: Path, cfg: RunConfig) -> Car
     try:
         transition = record.get("lr_transition")
         clone = CloneConfig(init_from=str(record["source"]), factor=int(record["factor"]),
-                            ffn_factor=int(record["ffn_factor"]), optimizer="carry",
+                            ffn_factor=int(record["ffn_factor"]), grow_layers=int(record.get("grow_layers", 0)),
+                            grow_method=record.get("grow_method", "zero"), optimizer="carry",
                             lr_transition=None if transition is None else int(transition),
                             schedule=record.get("schedule", "continue"))
         clone.validate()
@@ -291,10 +319,10 @@ def carry_resume_settings(manifest: Manifest, path: Path, cfg: RunConfig) -> Car
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{where} is incomplete or malformed ({type(e).__name__}: {e})") from e
     quiet = {"dropout": 0.0, "attention_dropout": 0.0}  # training-only options may differ
-    wide = widen_model_config(small, *clone_factors(clone))
+    wide = grown_model_config(small, clone)
     if dataclasses.replace(wide, **quiet) != dataclasses.replace(manifest.model, **quiet):
-        raise ConfigError(f"{where}: its source_model widened x{clone.factor} (ffn x{clone.ffn_factor}) is not the "
-                          "checkpoint's model")
+        raise ConfigError(f"{where}: its source_model grown {describe_growth(small, clone)} is not the checkpoint's "
+                          "model")
     check_carry_supported(cfg, f"{where}: resuming it")
     return CarrySettings(small, clone, clone_step, start_lr)
 
@@ -305,9 +333,6 @@ def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: t
 
     `module` holds the widened weights already; returns (engine, the AdamW groups as built).
     """
-    from megaclone.model import global_named_parameters
-    from megaclone.train.engine import initialize_engine
-
     assert cfg.parallel.zero_stage in CARRY_ZERO_STAGES and cfg.parallel.pp_size == 1, "checked when planning"
     train = cfg.train
     module.to(device)
@@ -317,57 +342,3 @@ def build_carry_engine(cfg: RunConfig, layout: Any, module: nn.Module, device: t
     engine = initialize_engine(cfg, layout, module, adamw(groups, train), scheduler, device)
     install_small_norm_clipping(engine)
     return engine, groups
-
-
-@torch.no_grad()
-def carry_optimizer_state(engine: Any, module: nn.Module, cfg: RunConfig, layout: Any,
-                          sampler: Any) -> int:
-    """Widen the small checkpoint's Adam moments into this rank's slices and set them with its step count; continue
-    its data position. Returns the training step the run continues after (the small checkpoint's)."""
-    from megaclone.checkpoint.optim_state import MOMENT_KEYS, OptimStateReader
-    from megaclone.clone import clone_moment
-    from megaclone.model import global_named_parameters
-    from megaclone.train.cloning import continue_data_position
-    from megaclone.train.state_io import set_moments
-
-    params = global_named_parameters(module, cfg.model)
-    specs = spec_table(cfg.model)
-    with OptimStateReader(resolve_small(cfg)) as reader:
-        small_cfg = reader.manifest.model
-        moments = {}
-        for name in params:
-            index = specs[name].tp_slices(layout.tp_rank, layout.tp_size)
-            moments[name] = {key: clone_moment(specs[name], small_cfg, cfg.clone,
-                                               lambda n, i, key=key: reader.read_moment(n, key, i), index, key)
-                             for key in MOMENT_KEYS}
-        adam_step, manifest = reader.step, reader.manifest
-    set_moments(engine, params, moments, adam_step)
-    if cfg.clone.continues_data:
-        continue_data_position(sampler, manifest)
-    engine.global_steps = manifest.step
-    engine.global_samples = manifest.step * engine.train_batch_size()
-    return manifest.step
-
-
-def resolve_small(cfg: RunConfig) -> Any:
-    from megaclone.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(cfg.clone.init_from)
-
-
-def start_carried_run(cfg: RunConfig, source: Any, layout: Any, module: nn.Module, device: torch.device,
-                      sampler: Any, clone_tensors: dict[str, torch.Tensor]) -> tuple[Any, int]:
-    """The engine of a carry launch (the module holds the widened weights): exact fp32 masters, the widened
-    moments and the small run's Adam step, schedule position and data position. Returns (engine, step)."""
-    from megaclone.train.cloning import inject_fp32_masters
-
-    schedule_step = int(source.manifest.optimizer["scheduler"]["last_epoch"])
-    start_lr = source_lr(source.manifest, source.path) if cfg.clone.schedule == "restart" else None
-    carry = CarrySettings(source.manifest.model, cfg.clone, schedule_step, start_lr)
-    engine, groups = build_carry_engine(cfg, layout, module, device, carry)
-    if cfg.train.precision != "fp32":
-        inject_fp32_masters(engine, module, cfg.model, clone_tensors)
-    step = carry_optimizer_state(engine, module, cfg, layout, sampler)
-    if layout.rank == 0:
-        log.info(describe_carry(groups, carry))
-    return engine, step

@@ -1,10 +1,11 @@
-"""HyperCloning at launch: each rank builds only its own widened slice, the engine starts from it, and the
-run checks function preservation before training and watches the copies drift apart while it trains.
+"""HyperCloning at launch: each rank builds only its own widened (and deepened) slice, the engine starts from it,
+and the run checks function preservation before training (or, for a growth that does not preserve it, measures
+the loss change), then watches the copies drift apart and the inserted blocks come alive while it trains.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -18,16 +19,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaclone.checkpoint import Manifest, ShardReader, load_model, resolve_checkpoint
-from megaclone.clone import build_clone_shard, clone_factors, copy_similarity, widen_model_config
+from megaclone.clone import (
+    DepthPlan,
+    build_clone_shard,
+    clone_factors,
+    copy_similarity,
+    depth_plan,
+    describe_growth,
+    groups_factor,
+    grown_model_config,
+    growth_record,
+    row_share,
+)
 from megaclone.config import CloneConfig, ModelConfig, ParallelConfig
-from megaclone.model import global_named_parameters
+from megaclone.model import block_modules, global_named_parameters
 from megaclone.parallel import Layout, gather_from_tp_region
 from megaclone.spec import spec_table
+from megaclone.train.carry import source_lr
 from megaclone.train.engine import fp32_masters, is_pipeline, set_fp32_masters
 
 log = logging.getLogger("megaclone.train")
 
 PRESERVATION_TOLERANCE = 1e-4  # max |wide - small| / max |small| logits, fp32
+PRESERVATION_BATCH = (2, 64)  # at most this many sequences x tokens of the first held-out batch
 MONITOR_ROLES = ("qkv", "mlp_in", "mlp_gate_up")
 
 
@@ -46,15 +60,17 @@ class CloneSource:
     def factors(self) -> tuple[int, int]:
         return clone_factors(self.clone)
 
-    def provenance(self) -> dict[str, Any]:
-        from megaclone.train.carry import source_lr
+    @property
+    def depth(self) -> DepthPlan:
+        return depth_plan(self.manifest.model, self.clone)
 
-        n, m = self.factors
+    def describe(self) -> str:
+        return describe_growth(self.manifest.model, self.clone)
+
+    def provenance(self) -> dict[str, Any]:
+        record = growth_record(self.path, self.manifest.step, self.manifest.layout, self.manifest.model, self.clone)
         return {"hyperclone": {
-            "source": str(self.path.resolve()), "source_step": self.manifest.step,
-            "source_layout": dict(self.manifest.layout), "source_model": dataclasses.asdict(self.manifest.model),
-            "factor": n, "ffn_factor": m, "variant": self.clone.variant, "noise_db": self.clone.noise_db,
-            "seed": self.clone.seed, "optimizer": self.clone.optimizer, "lr_transition": self.clone.lr_transition,
+            **record, "optimizer": self.clone.optimizer, "lr_transition": self.clone.lr_transition,
             "data": "continue" if self.clone.continues_data else "restart",
             **({"schedule": "restart", "source_lr": source_lr(self.manifest, self.path)}
                if self.clone.schedule == "restart" else {})}}
@@ -77,24 +93,57 @@ def continue_data_position(sampler: Any, manifest: Manifest) -> None:
 def plan_clone(clone: CloneConfig, parallel: ParallelConfig, world_size: int) -> CloneSource:
     """Validate everything a cloned launch needs before any work: factors, the source checkpoint (manifest,
     checksums of its weight files) and the target layout for the widened model."""
-    n, m = clone_factors(clone)
+    clone_factors(clone)
     path = resolve_checkpoint(clone.init_from)
     with ShardReader(path) as reader:
         reader.verify()  # a corrupted or truncated source fails here, with nothing written
         manifest = reader.manifest
-    wide = widen_model_config(manifest.model, n, m)
+    wide = grown_model_config(manifest.model, clone)
     try:
         parallel.validate(wide, world_size)
     except ValueError as e:
-        raise type(e)(f"after widening {path} x{n} (ffn x{m}): {e}") from e
+        raise type(e)(f"after growing {path} {describe_growth(manifest.model, clone)}: {e}") from e
     return CloneSource(path, manifest, wide, clone)
 
 
 def build_rank_clone(source: CloneSource, layout: Layout) -> dict[str, torch.Tensor]:
-    """This rank's widened fp32 slices (global name -> TP slice), read from the small slices it needs only."""
+    """This rank's widened fp32 slices (global name -> TP slice), read from the small slices it needs only.
+
+    The DP replicas of a (TP, PP) position need the same slices: each computes 1/dp of every slice's rows and
+    they exchange the parts (collective over the DP group), so the widening costs each rank 1/dp of the work.
+    """
     with ShardReader(source.path) as reader:
-        return build_clone_shard(reader.read, source.manifest.model, source.clone, layout.tp_rank, layout.tp_size,
-                                 layout.pp_rank, layout.pp_size)
+        part = build_clone_shard(reader.read, source.manifest.model, source.clone, layout.tp_rank, layout.tp_size,
+                                 layout.pp_rank, layout.pp_size, share=(layout.dp_rank, layout.dp_size))
+    if layout.dp_size == 1:
+        return part
+    specs = spec_table(source.wide)
+    return exchange_row_shares(part, {name: specs[name].tp_shape(layout.tp_size) for name in part}, layout)
+
+
+def exchange_row_shares(part: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                        layout: Layout) -> dict[str, torch.Tensor]:
+    """The whole slices (of `shapes`) from each DP replica's rows (`row_share` of its DP rank): every part is
+    broadcast by the replica that computed it, in name order; bytes arrive unchanged, so all replicas hold the
+    same bits."""
+    sources = [layout.global_rank(layout.tp_rank, layout.pp_rank, k) for k in range(layout.dp_size)]
+    nccl = dist.get_backend(layout.dp_group) == "nccl"
+    whole, pending = {}, []
+    for name in sorted(part):
+        mine, rows = part[name], shapes[name][0]
+        full = torch.empty(shapes[name], dtype=mine.dtype, device="cuda" if nccl else "cpu")
+        for k, src in enumerate(sources):
+            start, stop = row_share(rows, k, layout.dp_size)
+            if stop == start:
+                continue
+            block = full[start:stop]
+            if k == layout.dp_rank:
+                block.copy_(mine)
+            pending.append(dist.broadcast(block, src=src, group=layout.dp_group, async_op=True))
+        whole[name] = full
+    for work in pending:
+        work.wait()
+    return {name: tensor.cpu() for name, tensor in whole.items()}
 
 
 def inject_fp32_masters(engine: Any, module: nn.Module, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -123,13 +172,19 @@ def wide_logits(engine: Any, layout: Layout, tokens: torch.Tensor, labels: torch
 
 def check_preservation(engine: Any, layout: Layout, source: CloneSource, batch: tuple[torch.Tensor, torch.Tensor],
                        precision: str) -> dict[str, float]:
-    """The wide model (as the engine holds it) against the small checkpoint on one held-out batch.
+    """The wide model (as the engine holds it) against the small checkpoint on a small fixed batch: the first
+    PRESERVATION_BATCH sequences x tokens of one held-out batch.
 
     One rank (last stage, TP and DP rank 0) loads the small model (it is small) and compares; every rank
-    gets the numbers and raises when the relative logit error exceeds PRESERVATION_TOLERANCE in fp32.
+    gets the numbers and raises when the relative logit error exceeds PRESERVATION_TOLERANCE in fp32 for a
+    function-preserving growth. For depth growth by stack or interleave the numbers are the measurement:
+    the loss change on this batch at step 0.
     """
-    tokens, labels = batch
+    rows, length = PRESERVATION_BATCH
+    tokens, labels = (t[:rows, :length].contiguous() for t in batch)
     wide = wide_logits(engine, layout, tokens, labels)  # collective: every rank takes part
+    if is_pipeline(engine):  # its buffers now have this batch's shape; training's batches are larger
+        engine.reset_activation_shape()
     holder = layout.global_rank(0, layout.pp_size - 1, 0)
     stats = torch.zeros(4, dtype=torch.float64)  # rel error, max abs diff, wide loss, small loss
     if layout.rank == holder:
@@ -147,7 +202,9 @@ def check_preservation(engine: Any, layout: Layout, source: CloneSource, batch: 
         stats = stats.cpu()
     result = {"preservation_rel_error": float(stats[0]), "preservation_max_abs_diff": float(stats[1]),
               "wide_loss": float(stats[2]), "small_loss": float(stats[3])}
-    if precision == "fp32" and not result["preservation_rel_error"] <= PRESERVATION_TOLERANCE:
+    result["loss_change"] = result["wide_loss"] - result["small_loss"]
+    checked = source.depth.preserving and precision == "fp32"
+    if checked and not result["preservation_rel_error"] <= PRESERVATION_TOLERANCE:
         raise RuntimeError(
             f"HyperCloning did not preserve the function of {source.path}: max |logit difference| / max |logit| = "
             f"{result['preservation_rel_error']:.3e} > {PRESERVATION_TOLERANCE:g} (wide loss "
@@ -163,6 +220,7 @@ def symmetry_monitor(engine: Any, module: nn.Module, layout: Layout,
     """
     cfg = source.wide
     n, m = source.factors
+    g = groups_factor(source.clone)
     specs = spec_table(cfg)
     watched = {name: p for name, p in global_named_parameters(module, cfg).items()
                if specs[name].role in MONITOR_ROLES and not specs[name].is_bias}
@@ -170,7 +228,7 @@ def symmetry_monitor(engine: Any, module: nn.Module, layout: Layout,
     def monitor() -> dict[str, float]:
         sims = []
         for name, value in fp32_masters(engine, watched).items():
-            sim = copy_similarity(value, specs[name], n, m, layout.tp_rank, layout.tp_size)
+            sim = copy_similarity(value, specs[name], n, m, layout.tp_rank, layout.tp_size, g=g)
             if not math.isnan(sim):
                 sims.append(sim)
         device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
@@ -182,6 +240,52 @@ def symmetry_monitor(engine: Any, module: nn.Module, layout: Layout,
         if total[1] == 0:
             return {}
         return {"clone_similarity": float(total[0] / total[1]), "clone_similarity_min": float(low[0])}
+
+    return monitor
+
+
+def describe_preservation(source: CloneSource, stats: dict[str, float]) -> str:
+    """The log line of the step-0 check: the growth, and its preservation error or its measured loss change."""
+    head = f"hyperclone {source.describe()}"
+    if source.depth.preserving:
+        return f"{head}: " + " ".join(f"{k}={v:.6g}" for k, v in stats.items())
+    return (f"{head}: not function-preserving ({source.depth.method}); loss on a fixed held-out batch at step 0: "
+            f"{stats['small_loss']:.6f} -> {stats['wide_loss']:.6f} ({stats['loss_change']:+.6f})")
+
+
+def depth_monitor(module: nn.Module, layout: Layout, source: CloneSource) -> Callable[[], dict[str, float]]:
+    """A callable giving, per inserted block, the RMS of its residual contribution (block output minus input)
+    relative to the RMS of the residual stream entering it, over the evaluation batches since its last call:
+    0 for a fresh `zero` block, rising as its output projections learn.
+
+    Forward hooks on this rank's inserted blocks add up the two sums of squares in evaluation mode only. The
+    monitor sums them over all ranks (a block lives on one stage, TP ranks see the same activations and DP
+    ranks other batches), so every rank must call it; it does, at evaluation.
+    """
+    inserted = [i for i, new in enumerate(source.depth.inserted) if new]
+    slot = {block: k for k, block in enumerate(inserted)}
+    sums = torch.zeros(2 * len(inserted), dtype=torch.float64)  # [contribution^2, stream^2] per inserted block
+
+    def hook(block: int, mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if mod.training:
+            return
+        x = args[0].detach().double()
+        sums[2 * slot[block]] += (out.detach().double() - x).pow(2).sum().item()
+        sums[2 * slot[block] + 1] += x.pow(2).sum().item()
+
+    for block, mod in block_modules(module).items():
+        if block in slot:
+            mod.register_forward_hook(functools.partial(hook, block))
+
+    def monitor() -> dict[str, float]:
+        total = sums.clone()
+        sums.zero_()
+        if dist.is_initialized() and layout.world_size > 1:
+            total = total.cuda() if dist.get_backend() == "nccl" else total
+            dist.all_reduce(total)
+            total = total.cpu()
+        return {f"depth_contribution_block{block}": math.sqrt(float(total[2 * k] / total[2 * k + 1]))
+                for k, block in enumerate(inserted) if total[2 * k + 1] > 0}
 
     return monitor
 

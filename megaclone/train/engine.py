@@ -7,19 +7,29 @@ table initialises it, and DeepSpeed wraps it with ZeRO, clipping, accumulation a
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from megaclone.config import RunConfig
+from megaclone.config import ModelConfig, RunConfig
 from megaclone.model import GPT, build_pipeline_module, global_named_parameters, init_params
+from megaclone.model.pipeline import global_to_pipeline_name
 from megaclone.parallel import Layout, TPRNGTracker
+from megaclone.spec import build_param_specs
 from megaclone.train.optim import build_lr_scheduler, build_optimizer
-from megaclone.train.zero_fast import install_engine_shortcuts, install_grad_norm, skip_single_rank_all_reduce
+from megaclone.train.zero_fast import (
+    install_engine_shortcuts,
+    install_grad_norm,
+    skip_muon_import,
+    skip_single_rank_all_reduce,
+)
 
 log = logging.getLogger("megaclone.train")
+
+UNIVERSAL_CHECKPOINT_VERSION = 0.4  # the ds_to_universal metadata format these patterns follow (DeepSpeed 0.19)
 
 
 def build_deepspeed_config(cfg: RunConfig, layout: Layout, device: torch.device | None = None) -> dict[str, Any]:
@@ -46,6 +56,34 @@ def build_deepspeed_config(cfg: RunConfig, layout: Layout, device: torch.device 
         "dump_state": False,
         "checkpoint": {"use_node_local_storage": cfg.parallel.node_local_checkpoints},
     }
+
+
+def universal_checkpoint_info(cfg: ModelConfig, pipeline: bool) -> dict[str, Any]:
+    """How DeepSpeed's `ds_to_universal` must merge our TP slices, from the spec table (saved with every checkpoint).
+
+    Parameters that TP does not split (norms, row-parallel biases, learned positions) are replicated; those split
+    on their input axis (row-parallel weights) are concatenated along dim 1; every other split parameter along
+    dim 0, DeepSpeed's default, which is right since a TP shard is a contiguous range of whole units (qkv groups,
+    the unit-interleaved SwiGLU rows, vocabulary rows). The padded vocabulary rows are kept (the universal
+    checkpoint loads back into the same model). Patterns are regexes over the engine's own parameter names:
+    global names for `GPT`, DeepSpeed's per-layer names for the pipeline module, with the block index generic.
+    """
+    replicated, row_parallel = [], []
+    for spec in build_param_specs(cfg):
+        if spec.tp_axis not in (None, 1):
+            continue
+        name = global_to_pipeline_name(cfg, spec.name, spec.layer) if pipeline else spec.name
+        pattern = re.escape(name) + "$"
+        if 1 <= spec.layer <= cfg.num_layers:  # a block: one pattern for all blocks
+            index = str(spec.layer) if pipeline else f"blocks\\.{spec.layer - 1}"
+            pattern = pattern.replace(index, "blocks\\.\\d+" if not pipeline else "\\d+", 1)
+        (replicated if spec.tp_axis is None else row_parallel).append(pattern)
+    tied = [re.escape(global_to_pipeline_name(cfg, "embedding.word.weight", 0)) + "$"] \
+        if pipeline and cfg.tied_embeddings else []  # on the first and the last stage: DeepSpeed reads the first
+    return {"universal_checkpoint_version": UNIVERSAL_CHECKPOINT_VERSION,
+            "tp_replicated_parameter_patterns": sorted(set(replicated)),
+            "parameter_with_row_parallelism_patterns": sorted(set(row_parallel)),
+            "pipeline_replicated_parameter_patterns": tied}
 
 
 def device_for(local_rank: int) -> torch.device:
@@ -84,6 +122,9 @@ def initialize_engine(cfg: RunConfig, layout: Layout, module: nn.Module, optimiz
     import deepspeed
 
     skip_single_rank_all_reduce()
+    skip_muon_import()
+    # DeepSpeed saves this module attribute into every checkpoint, where ds_to_universal looks for it
+    module.universal_checkpoint_info = universal_checkpoint_info(cfg.model, layout.pp_size > 1)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_deepspeed_config(cfg, layout, device),
         mpu=layout if layout.pp_size == 1 else None)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,19 @@ def setup_console_logging(rank: int) -> None:
     root.propagate = False
 
 
+def quiet_libraries() -> None:
+    """Keep DeepSpeed's and torch's lines that tell a user nothing off the console: DeepSpeed's accelerator guess
+    on a CPU machine (megaclone picks gloo there itself), its INFO lines, and the FutureWarning torch raises, once
+    per rank, when DeepSpeed's ZeRO calls the deprecated all_gather_into_tensor. Call before DeepSpeed is imported."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+
+
 def peak_flops(device_name: str) -> float | None:
     for key, value in _PEAK_BF16_FLOPS.items():
         if key in device_name:
@@ -43,6 +58,40 @@ def model_flops_per_token(num_params: int, num_layers: int, hidden_size: int, se
     return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len
 
 
+def process_start_time() -> float | None:
+    """Wall-clock time at which this process started (Linux: /proc, 10 ms resolution); None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class StartupClock:
+    """Where the time to the first step goes: seconds per start-up phase on this rank, logged once.
+
+    `lap(name)` charges the time since the previous lap to `name`; the first phase, `python`, runs from the
+    process's start (interpreter, imports) to the clock's creation.
+    """
+
+    def __init__(self) -> None:
+        self.process_start = process_start_time()
+        self._last = time.time()
+        self.phases: dict[str, float] = {}
+        if self.process_start is not None:
+            self.phases["python"] = max(0.0, self._last - self.process_start)
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def record(self) -> dict[str, Any]:
+        return {"phases": {k: round(v, 3) for k, v in self.phases.items()}, "process_start": self.process_start}
+HEARTBEAT_S = 10.0  # a step's line goes to the console at least this often, whatever train.log_interval says
+
+
 class MetricsLogger:
     """Rank 0 writes; every other rank holds a logger that does nothing, so callers need no rank checks."""
 
@@ -52,6 +101,7 @@ class MetricsLogger:
         self._file = None
         self._bar = None
         self._tb = None
+        self._last_line = time.monotonic()
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,15 +127,18 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def train_step(self, step: int, values: dict[str, Any], console: bool) -> None:
+        """Record a step; its line goes to the console when `console`, or when the last line is HEARTBEAT_S old
+        (a slow machine, or a long log_interval, never leaves the console silent)."""
         self.event("train", step, **values)
         if not self.enabled:
             return
         self._bar.update(step - self._bar.n)
         self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-        if console:
+        if console or time.monotonic() - self._last_line >= HEARTBEAT_S:
             text = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
             self._bar.write(f"step {step}: {text}", file=sys.stdout)
             sys.stdout.flush()  # visible at once when stdout is a file or a pipe
+            self._last_line = time.monotonic()
 
     def info(self, message: str) -> None:
         """A console line that does not break the progress bar."""
@@ -96,6 +149,7 @@ class MetricsLogger:
             sys.stdout.flush()
         else:
             log.info(message)
+        self._last_line = time.monotonic()
 
     def close(self) -> None:
         if self._bar is not None:

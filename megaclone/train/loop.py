@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megaclone.config import RunConfig
 from megaclone.parallel import Layout
+from megaclone.spec import num_params
 from megaclone.train.engine import current_lr, is_pipeline
 from megaclone.train.logging import MetricsLogger, model_flops_per_token, peak_flops
 
@@ -86,7 +87,7 @@ def _throughput(cfg: RunConfig, layout: Layout, seconds: float) -> dict[str, flo
     if torch.cuda.is_available():
         peak = peak_flops(torch.cuda.get_device_name())
         if peak:
-            flops = model_flops_per_token(cfg.model.num_params(), cfg.model.num_layers, cfg.model.hidden_size,
+            flops = model_flops_per_token(num_params(cfg.model), cfg.model.num_layers, cfg.model.hidden_size,
                                           cfg.data.seq_len)
             out["mfu"] = flops * out["tokens_per_s"] / (peak * layout.world_size)
     return out

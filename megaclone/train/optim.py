@@ -13,9 +13,7 @@ import torch
 from torch import nn
 
 from megaclone.config import ModelConfig, TrainConfig
-from megaclone.spec import spec_table
-
-_NO_DECAY_ROLES = ("norm", "final_norm")
+from megaclone.spec import NORM_ROLES, spec_table
 
 
 def build_param_groups(params: dict[str, nn.Parameter], cfg: ModelConfig, train: TrainConfig) -> list[dict]:
@@ -28,7 +26,7 @@ def build_param_groups(params: dict[str, nn.Parameter], cfg: ModelConfig, train:
     decay, no_decay = [], []
     for name, param in params.items():
         spec = specs[name]
-        (no_decay if spec.is_bias or spec.role in _NO_DECAY_ROLES else decay).append(param)
+        (no_decay if spec.is_bias or spec.role in NORM_ROLES else decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]

@@ -6,7 +6,9 @@ partitions split across data-parallel ranks (ZeRO-1/2, the bf16 optimizer, ZeRO-
 returns each parameter's full TP-local moments whatever the case (collective over DP), and
 `import_training_state` writes them back into a fresh engine of any layout. That is what lets a
 checkpoint resume at another TP/PP/DP size or ZeRO stage (elastic resume) and what a converted
-checkpoint (tools/reshard_expand.py --optimizer carry) resumes through.
+checkpoint (tools/reshard_expand.py --optimizer carry) resumes through. A `--hyperclone-optimizer carry`
+launch goes the same way with the small checkpoint's moments widened (`start_carried_run`: the carry
+engine of megaclone.train.carry, then `carry_optimizer_state`).
 
 torch's Adam creates its state lazily at the first step, and ZeRO links its per-parameter views of that
 state only after it; a fresh engine therefore gets its state created here (zeros, the saved step count)
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from megaclone import cluster
 from megaclone.checkpoint import (
     CheckpointError,
     Manifest,
@@ -38,12 +41,14 @@ from megaclone.checkpoint.optim_state import (
     optim_file_digests,
     save_optim_shard,
 )
+from megaclone.clone import clone_moment
 from megaclone.config import ModelConfig, RunConfig
 from megaclone.data import DistributedBatchSampler
 from megaclone.model import global_named_parameters
 from megaclone.parallel import Layout, TPRNGTracker
 from megaclone.spec import spec_table
-from megaclone.train.carry import CarrySchedule, CarrySettings, build_carry_engine
+from megaclone.train.carry import CarrySchedule, CarrySettings, build_carry_engine, describe_carry, source_lr
+from megaclone.train.cloning import CloneSource, continue_data_position, inject_fp32_masters
 from megaclone.train.engine import build_engine, build_model, set_fp32_masters
 
 log = logging.getLogger("megaclone.train")
@@ -296,8 +301,6 @@ def resume_elastic(cfg: RunConfig, path: Path, layout: Layout, tracker: TPRNGTra
     """Build this rank's model and engine from a checkpoint of any layout and continue its training state
     (`carry`: the checkpoint of a carry run, whose optimizer groups and schedule are rebuilt).
     Returns (engine, module, the step training continues after)."""
-    from megaclone import cluster
-
     cluster.check_same_checkpoint(path, read_manifest(path).step)  # node-local copies may disagree
     module = build_model(cfg, layout, tracker, init=False)
     masters = load_weights_elastic(module, cfg, layout, path)
@@ -307,3 +310,43 @@ def resume_elastic(cfg: RunConfig, path: Path, layout: Layout, tracker: TPRNGTra
     log.info(f"resumed from {path} at step {step} through the layout-free path ({reason}): fp32 masters, Adam "
              f"moments and step, LR schedule and data position carried; DeepSpeed's own state not used")
     return engine, module, step
+
+
+@torch.no_grad()
+def carry_optimizer_state(engine: Any, module: nn.Module, cfg: RunConfig, layout: Layout,
+                          sampler: DistributedBatchSampler) -> int:
+    """Widen the small checkpoint's Adam moments into this rank's slices and set them with its step count; continue
+    its data position. Returns the training step the run continues after (the small checkpoint's)."""
+    params = global_named_parameters(module, cfg.model)
+    specs = spec_table(cfg.model)
+    with OptimStateReader(resolve_checkpoint(cfg.clone.init_from)) as reader:
+        small_cfg = reader.manifest.model
+        moments = {}
+        for name in params:
+            index = specs[name].tp_slices(layout.tp_rank, layout.tp_size)
+            moments[name] = {key: clone_moment(specs[name], small_cfg, cfg.clone,
+                                               lambda n, i, key=key: reader.read_moment(n, key, i), index, key)
+                             for key in MOMENT_KEYS}
+        adam, manifest = reader.step, reader.manifest
+    set_moments(engine, params, moments, adam)
+    if cfg.clone.continues_data:
+        continue_data_position(sampler, manifest)
+    engine.global_steps = manifest.step
+    engine.global_samples = manifest.step * engine.train_batch_size()
+    return manifest.step
+
+
+def start_carried_run(cfg: RunConfig, source: CloneSource, layout: Layout, module: nn.Module, device: torch.device,
+                      sampler: DistributedBatchSampler, clone_tensors: dict[str, torch.Tensor]) -> tuple[Any, int]:
+    """The engine of a carry launch (the module holds the widened weights): exact fp32 masters, the widened
+    moments and the small run's Adam step, schedule position and data position. Returns (engine, step)."""
+    schedule_step = int(source.manifest.optimizer["scheduler"]["last_epoch"])
+    start_lr = source_lr(source.manifest, source.path) if cfg.clone.schedule == "restart" else None
+    carry = CarrySettings(source.manifest.model, cfg.clone, schedule_step, start_lr)
+    engine, groups = build_carry_engine(cfg, layout, module, device, carry)
+    if cfg.train.precision != "fp32":
+        inject_fp32_masters(engine, module, cfg.model, clone_tensors)
+    step = carry_optimizer_state(engine, module, cfg, layout, sampler)
+    if layout.rank == 0:
+        log.info(describe_carry(groups, carry))
+    return engine, step

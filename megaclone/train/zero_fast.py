@@ -23,11 +23,29 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def skip_muon_import() -> None:
+    """Answer DeepSpeed's "is this optimizer a Muon?" without importing its Muon optimizer (once per process).
+
+    `deepspeed.initialize` and ZeRO's optimizer import that module only to ask `isinstance(optimizer,
+    MuonWithAuxAdam)`; the import pulls in torch's inductor compiler, 1.5 s of a quiet start-up here (4-5 s
+    under load), for an optimizer megaclone never builds. A stand-in module whose class nothing is an instance
+    of gives the same answers. Nothing happens when the module is already imported.
+    """
+    if MUON_MODULE in sys.modules:
+        return
+    stand_in = types.ModuleType(MUON_MODULE, "megaclone.train.zero_fast: DeepSpeed's Muon is never used here")
+    stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+    sys.modules[MUON_MODULE] = stand_in
 
 
 def skip_single_rank_all_reduce() -> None:

@@ -12,6 +12,7 @@ from megaclone.checkpoint import (
     ShardReader,
     begin_checkpoint,
     commit_checkpoint,
+    file_digest,
     load_full_state,
     make_manifest,
     prune_checkpoints,
@@ -20,6 +21,7 @@ from megaclone.checkpoint import (
     write_manifest,
     write_weights_checkpoint,
 )
+from megaclone.checkpoint.io import holds_no_checkpoint, previous_complete_step, remove_stale_saves, stale_saves
 from tests.checkpoint import random_state, tiny_config
 
 
@@ -51,6 +53,25 @@ def test_leftover_tmp_alone_is_not_a_checkpoint(tmp_path) -> None:
         resolve_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match=r"no manifest\.json in"):
         ShardReader(tmp_path)
+    assert holds_no_checkpoint(tmp_path) and holds_no_checkpoint(tmp_path / "missing")
+    assert stale_saves(tmp_path) == [tmp_path / ".tmp-step_00000003"]
+    assert remove_stale_saves(tmp_path) == [tmp_path / ".tmp-step_00000003"] and list(tmp_path.iterdir()) == []
+
+
+def test_roots_with_committed_or_foreign_content(tmp_path) -> None:
+    """A root that holds anything besides interrupted writes is not one a run may start afresh in."""
+    cfg = tiny_config()
+    (tmp_path / "notes.txt").write_text("x")
+    assert not holds_no_checkpoint(tmp_path)
+    root = tmp_path / "ckpt"
+    first, second = (write_weights_checkpoint(root, cfg, random_state(cfg), 1, 1, step=s) for s in (10, 20))
+    begin_checkpoint(root, 30)
+    assert not holds_no_checkpoint(root)
+    assert previous_complete_step(second) == first and previous_complete_step(first) is None
+    assert previous_complete_step(root / ".tmp-step_00000030") is None  # not a step directory
+    (root / "latest").unlink()  # a crash between the commit's rename and the pointer's update
+    with pytest.raises(CheckpointError, match=rf"the newest step_00000020: .* Pass {second} itself"):
+        resolve_checkpoint(root)
 
 
 def test_begin_removes_stale_tmp(tmp_path) -> None:
@@ -101,6 +122,7 @@ def test_write_into_named_step_dir_and_tokenizer(tmp_path) -> None:
     m = read_manifest(tmp_path / "out")
     assert m.step == 42 and m.tokenizer == "tokenizer.model" and m.deepspeed is None
     assert (step_dir / "tokenizer.model").read_bytes() == tok.read_bytes()
+    assert m.other_files == {"tokenizer.model": file_digest(step_dir / "tokenizer.model")}  # every file: a digest
     assert m.provenance == {"source": "x", "factor": 2}
     with pytest.raises(ValueError, match="names step 42 but step=5"):
         write_weights_checkpoint(tmp_path / "out" / "step_00000042", cfg, random_state(cfg), 1, 1, step=5)
@@ -128,7 +150,7 @@ def test_manifest_roundtrip(tmp_path) -> None:
     d = json.loads(json.dumps(m.to_dict()))
     assert d["format"] == "megaclone-checkpoint" and d["format_version"] == 1
     assert set(d) == {"format", "format_version", "step", "model", "layout", "tokenizer", "data", "params",
-                      "files", "deepspeed", "provenance"}
+                      "files", "deepspeed", "provenance"}  # no other_files: a manifest as earlier versions wrote
     back = Manifest.from_dict(d)
     assert back == m
     write_manifest(tmp_path, m)

@@ -6,7 +6,7 @@ import torch
 
 from megaclone.config import ModelConfig
 from megaclone.model import ReferenceGPT
-from megaclone.spec import build_param_specs, stages_of
+from megaclone.spec import NORM_ROLES, build_param_specs, stages_of
 
 ARCHS = {
     "mha-gelu-ln-rope-bias-tied": dict(),
@@ -14,11 +14,26 @@ ARCHS = {
                                                  bias=False, tied_embeddings=False, num_query_groups=2),
     "mqa-gelu-ln-rope-untied": dict(num_query_groups=1, tied_embeddings=False),
 }
+# The options of the imported families (docs/hf.md), one architecture per clone rule they add.
+FAMILY_ARCHS = {
+    # OPT-350m: post-norm without a final norm, ReLU, positions at offset 2, a narrower tied embedding with
+    # project_in / project_out (the tied fold goes into project_out)
+    "opt350-post-relu-proj-tied": dict(activation="relu", norm_placement="post", final_norm=False,
+                                       position="learned", position_offset=2, embed_size=8),
+    # OLMo: LayerNorm without parameters and tied embeddings: nowhere to fold, the clone unties
+    "olmo-plainln-swiglu-tied": dict(activation="swiglu", norm_affine=False, bias=False),
+    # OLMo-2: RMSNorm on each branch's output, QK-norm over all heads, GQA
+    "olmo2-branch-qknorm-gqa-untied": dict(activation="swiglu", norm="rmsnorm", norm_placement="branch",
+                                           qk_norm=True, bias=False, tied_embeddings=False, num_query_groups=2),
+    # Gemma: sqrt(hidden) embedding scale with a tied unembedding, gain 1 + w, GeGLU, head size 8 != 16 / 4
+    "gemma-geglu-offset-scaled-tied": dict(activation="geglu", norm="rmsnorm", norm_unit_offset=True,
+                                           scale_embeddings=True, head_size=8, bias=False, num_query_groups=2),
+}
 
 
 def small_config(arch: str, **kw) -> ModelConfig:
     base = dict(vocab_size=50, vocab_multiple=16, hidden_size=16, num_layers=2, num_heads=4, max_seq_len=8)
-    base.update(ARCHS[arch])
+    base.update(ARCHS[arch] if arch in ARCHS else FAMILY_ARCHS[arch])
     base.update(kw)
     return ModelConfig(**base)
 
@@ -30,7 +45,7 @@ def random_small_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tenso
     state = {}
     for spec in build_param_specs(cfg):
         r = torch.randn(spec.shape, generator=g)
-        if spec.role in ("norm", "final_norm"):
+        if spec.role in NORM_ROLES:
             v = 0.2 * r if spec.is_bias else 1.0 + 0.2 * r
         elif spec.is_bias:
             v = 0.2 * r

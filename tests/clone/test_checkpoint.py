@@ -118,7 +118,7 @@ def test_verify_clone_tool(tmp_path: Path, capsys) -> None:
     assert tool.main(["--small", str(tmp_path / "small"), "--large", str(tmp_path / "wide"), "--tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "relative" in out
-    table = out[out.index("layer"):].splitlines()[: 1 + cfg.num_layers]  # header + one row per layer
+    table = out[out.index("  layer "):].splitlines()[: 1 + cfg.num_layers]  # header + one row per layer
     assert table[0].split() == ["layer", "qkv", "attn_out", "mlp_gate_up", "mlp_out"]
     for row in table[1:]:
         qkv, attn_out, gate_up, fc_out = row.split()[1:]

@@ -11,7 +11,7 @@ import pytest
 from megaclone.clone import build_clone_shard, clone_factors, widen_model_config
 from megaclone.config import CloneConfig, ConfigError, ParallelConfig
 from megaclone.spec import build_param_specs, spec_table, stages_of
-from tests.clone import ARCHS, assemble, bit_equal, dict_reader, random_small_state, small_config
+from tests.clone import ARCHS, FAMILY_ARCHS, assemble, bit_equal, dict_reader, random_small_state, small_config
 
 LAYOUTS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]  # (tp, pp)
 CASES = [  # (n, m, variant, extra small-config keys)
@@ -36,8 +36,9 @@ def build_layout_shards(state, cfg, clone_cfg, tp: int, pp: int, log=None):
             for p in range(pp) for t in range(tp)}
 
 
-@pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.filterwarnings("ignore:the clone unties")
+@pytest.mark.parametrize("arch,case", [(arch, case) for arch in sorted(ARCHS) for case in range(len(CASES))]
+                         + [(arch, case) for arch in sorted(FAMILY_ARCHS) for case in (0, 2)])
 def test_layout_invariance(arch: str, case: int) -> None:
     n, m, variant, extra = CASES[case]
     cfg = small_config(arch, **extra)
@@ -66,7 +67,7 @@ def test_cut_copies_case_is_exercised() -> None:
 
 def expected_small_index(wide_spec, n: int, m: int, tp_rank: int, tp_size: int) -> tuple[tuple[int, int], ...]:
     """Whole small units [first_copy_unit // f, last_copy_unit // f + 1) along the TP axis, all of every other axis."""
-    factors = {"hidden": n, "groups": n, "ffn": m, "vocab": 1, "seq": 1}
+    factors = {"hidden": n, "embed": n, "groups": n, "ffn": m, "vocab": 1, "seq": 1}
     out = []
     for dim, axis in enumerate(wide_spec.axes):
         f, unit = factors[axis.kind], axis.unit_size
@@ -83,7 +84,7 @@ def expected_small_index(wide_spec, n: int, m: int, tp_rank: int, tp_size: int) 
     return tuple(out)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", [*sorted(ARCHS), "opt350-post-relu-proj-tied", "olmo2-branch-qknorm-gqa-untied"])
 @pytest.mark.parametrize("n,m,extra", [(2, 2, {}), (4, 1, {}), (2, 2, {"ffn_size": 18})])
 def test_locality(arch: str, n: int, m: int, extra: dict) -> None:
     cfg = small_config(arch, **extra)
@@ -123,3 +124,27 @@ def test_bad_factors_and_layouts_raise() -> None:
         build_clone_shard(dict_reader(state), cfg, CloneConfig(factor=3), 0, 5)
     with pytest.raises(ValueError, match="tp_rank=2"):
         build_clone_shard(dict_reader(state), cfg, CloneConfig(factor=2), 2, 2)
+
+
+@pytest.mark.parametrize("noise_db", [None, 0.0])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_row_shares_make_the_whole_shard(arch: str, noise_db) -> None:
+    """`share=(k, K)`: the K parts of a target rank's slices (what its K data-parallel replicas each compute),
+    stacked in order, are that rank's slices bit for bit, also when a part is empty (K above the rows)."""
+    import torch
+
+    cfg = small_config(arch)
+    state = random_small_state(cfg, seed=2)
+    for clone_cfg, tp_rank, tp_size, pp_rank, pp_size in [
+            (CloneConfig(factor=2, variant="diagonal", noise_db=noise_db, seed=1), 1, 2, 0, 1),
+            (CloneConfig(factor=2, variant="diagonal", noise_db=noise_db, seed=1), 0, 1, 1, 2),
+            (CloneConfig(factor=2, noise_db=noise_db, grow_layers=4, grow_method="stack"), 1, 2, 1, 2)]:  # depth too
+        whole = build_clone_shard(dict_reader(state), cfg, clone_cfg, tp_rank, tp_size, pp_rank, pp_size)
+        for parts in (2, 3, 40):
+            shares = [build_clone_shard(dict_reader(state), cfg, clone_cfg, tp_rank, tp_size, pp_rank, pp_size,
+                                        share=(k, parts)) for k in range(parts)]
+            assert all(set(s) == set(whole) for s in shares)
+            for name, tensor in whole.items():
+                assert bit_equal(torch.cat([s[name] for s in shares]), tensor), (name, parts)
+    with pytest.raises(ValueError, match="share=\\(2, 2\\)"):
+        build_clone_shard(dict_reader(state), cfg, clone_cfg, 0, 1, share=(2, 2))

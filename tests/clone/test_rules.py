@@ -32,12 +32,13 @@ def test_widen_model_config() -> None:
     assert widen_model_config(cfg, 2, 1).ffn_size == cfg.ffn_size
 
 
-@pytest.mark.parametrize("n,m,flag", [(1, None, "--hyperclone="), (0, None, "--hyperclone="),
-                                      (2.0, None, "--hyperclone="), (True, None, "--hyperclone="),
-                                      (2, 0, "--hyperclone-ffn="), (2, 1.5, "--hyperclone-ffn=")])
-def test_bad_factors_raise(n, m, flag: str) -> None:
+@pytest.mark.parametrize("n,m,g,flag", [(0, None, None, "--hyperclone="), (2.0, None, None, "--hyperclone="),
+                                        (True, None, None, "--hyperclone="), (2, 0, None, "--hyperclone-ffn="),
+                                        (2, 1.5, None, "--hyperclone-ffn="), (2, None, 0, "--hyperclone-groups="),
+                                        (4, None, 3, "--hyperclone-groups=3 must divide --hyperclone=4")])
+def test_bad_factors_raise(n, m, g, flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
-        widen_model_config(small_config("mha-gelu-ln-rope-bias-tied"), n, m)
+        widen_model_config(small_config("mha-gelu-ln-rope-bias-tied"), n, m, g)
 
 
 @pytest.mark.parametrize("variant", ["symmetric", "diagonal"])
@@ -106,6 +107,51 @@ def test_untied_lm_head_and_gate_up_units() -> None:
             row = gu[2 * u + k].view(-1, n)  # [small hidden, copies]
             src = small[2 * (u // m) + k]
             assert torch.equal(row[torch.arange(row.shape[0]), (u % m) % n], src), (u, half)
+
+
+def test_rules_of_the_family_options() -> None:
+    """The rules the imported families add, written out: the tied fold into project_out, the embedding width,
+    positions at an offset, QK-norm over query groups, Gemma's sqrt(n) and gain 1 + w, and the untying clone."""
+    n = 2
+
+    def widened(arch: str, names: tuple[str, ...]) -> tuple[dict, dict, object]:
+        cfg = small_config(arch)
+        state = random_small_state(cfg)
+        wide_cfg = widen_model_config(cfg, n)
+        specs = spec_table(wide_cfg)
+        return state, {k: clone_tensor(specs[k], cfg, CloneConfig(factor=n), dict_reader(state)) for k in names}, \
+            wide_cfg
+
+    state, got, wide = widened("opt350-post-relu-proj-tied", ("embedding.word.weight", "embedding.position.weight",
+                                                             "embedding.project_in.weight", "project_out.weight"))
+    assert (wide.embed_size, wide.hidden_size, wide.tied_embeddings) == (16, 32, True)  # word_embed_proj_dim x n
+    assert torch.equal(got["embedding.word.weight"], state["embedding.word.weight"].repeat_interleave(n, 1))
+    assert got["embedding.position.weight"].shape == (8 + 2, 32)  # max_seq_len + offset rows, not widened
+    assert torch.equal(got["embedding.position.weight"], state["embedding.position.weight"].repeat_interleave(n, 1))
+    both = {k: state[k].repeat_interleave(n, 0).repeat_interleave(n, 1)
+            for k in ("embedding.project_in.weight", "project_out.weight")}
+    assert torch.equal(got["embedding.project_in.weight"], both["embedding.project_in.weight"] / n)
+    assert torch.allclose(got["project_out.weight"], both["project_out.weight"] / n / n, rtol=1e-6, atol=0)
+
+    state, got, wide = widened("olmo2-branch-qknorm-gqa-untied", ("blocks.1.attn.q_norm.weight",
+                                                                 "blocks.1.attn.k_norm.weight"))
+    cfg = small_config("olmo2-branch-qknorm-gqa-untied")
+    for name, unit in (("blocks.1.attn.q_norm.weight", cfg.heads_per_group * cfg.head_size),
+                       ("blocks.1.attn.k_norm.weight", cfg.head_size)):
+        assert torch.equal(got[name], repeat_units(state[name], 0, unit, n)), name  # whole groups copied
+
+    state, got, wide = widened("gemma-geglu-offset-scaled-tied", ("embedding.word.weight", "final_norm.weight"))
+    assert wide.tied_embeddings and wide.head_size == 8
+    assert torch.allclose(got["embedding.word.weight"], state["embedding.word.weight"].repeat_interleave(n, 1)
+                          / n ** 0.5, rtol=1e-6, atol=0)
+    gain = (1 + state["final_norm.weight"].repeat_interleave(n)) / n ** 0.5  # the gain 1 + w takes the fold
+    assert torch.allclose(1 + got["final_norm.weight"], gain, rtol=1e-6, atol=0)
+
+    with pytest.warns(UserWarning, match="the clone unties the embeddings"):
+        state, got, wide = widened("olmo-plainln-swiglu-tied", ("lm_head.weight", "embedding.word.weight"))
+    assert not wide.tied_embeddings
+    E = state["embedding.word.weight"].repeat_interleave(n, 1)
+    assert torch.equal(got["embedding.word.weight"], E) and torch.equal(got["lm_head.weight"], E / n)
 
 
 def test_slices_read_only_what_they_need() -> None:

@@ -1,6 +1,7 @@
 """Process-group set-up from each launcher's environment, on two simulated nodes of this machine: bare Slurm
 tasks (SLURM_* only), torchrun and DeepSpeed's launcher (launch/node.sh, no ssh) all end in the same group,
-with every rank knowing its node; and a hung peer ends the wait after the collective timeout with a message."""
+with every rank knowing its node; and a hung peer ends the wait after the collective timeout with a message, in
+any process group (megaclone's layout groups and DeepSpeed's pipeline grid included)."""
 
 from __future__ import annotations
 
@@ -65,9 +66,12 @@ def slurm_job_id() -> int:
 
 def test_bare_slurm_tasks(tmp_path: Path) -> None:
     job_id = slurm_job_id()
-    results = wait_all([slurm_task(r, tmp_path, job_id) for r in range(2)])
+    extensions = tmp_path / "torch_extensions"  # where DeepSpeed would compile its CPU communication op
+    results = wait_all([slurm_task(r, tmp_path, job_id, TORCH_EXTENSIONS_DIR=str(extensions)) for r in range(2)])
     assert all(code == 0 for code, _ in results), results
+    assert not extensions.exists() and "built successfully" not in results[0][1]  # the op is neither built nor loaded
     for rank, record in enumerate(records(tmp_path, 2)):
+        assert not record["shm_op_loaded"] and record["shm_buffers"] == []  # no 67 MB /dev/shm buffer per rank
         assert record["env"]["launcher"] == "slurm" and record["env"]["node_rank"] == rank
         assert record["torch_env"] == {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(20000 + job_id % 20000)}
@@ -129,6 +133,10 @@ def test_hung_peer_ends_the_job_after_the_collective_timeout(tmp_path: Path) -> 
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     assert 3.5 < elapsed < 30, elapsed
+    # It hung in the layout's pipeline group: every group made after the default one (megaclone's layout, DeepSpeed's
+    # pipeline grid) has the collective timeout, not torch's 30-minute default.
+    timeouts = json.loads((tmp_path / "groups0.json").read_text())
+    assert len(timeouts) > 8 and set(timeouts) == {4.0}, timeouts
     assert "megaclone: rank 0 on node 0" in output and "lost contact with its peers" in output
     assert "Timed out" in output and "collective timeout (4 s, MEGACLONE_COLLECTIVE_TIMEOUT)" in output
     assert f"No complete checkpoint under {tmp_path / 'ckpt'}" in output

@@ -1,6 +1,7 @@
 """The Slurm template, rendered for 2 nodes x 8 GPUs and run by bash under stand-ins for srun and scontrol: one
 DeepSpeed launcher per node, with the node's rank, the first node as master, the same port and world everywhere,
-and pretrain.py's arguments passed through intact."""
+and pretrain.py's arguments passed through intact; rendered with --requeue, a job whose node failed puts itself
+back in the queue and resumes from its own --save root."""
 
 from __future__ import annotations
 
@@ -37,9 +38,13 @@ procs = [subprocess.Popen(args, env={{**os.environ, "SLURM_NODEID": str(i), "SLU
 sys.exit(max(p.wait() for p in procs))
 """
 FAKE_SCONTROL = f"""#!{sys.executable}
-import sys
+import os, sys
 sys.path.insert(0, {str(REPO)!r})
 from megaclone.cluster import expand_hostlist
+if sys.argv[1] == "requeue":
+    with open(os.path.join(os.environ["RECORD_DIR"], "requeued"), "a") as f:
+        f.write(sys.argv[2] + "\\n")
+    sys.exit(0)
 assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
 print("\\n".join(expand_hostlist(sys.argv[3])))
 """
@@ -53,6 +58,7 @@ record = {{"argv": argv, "hostfile": hostfile, "cwd": os.getcwd(), "env": {{k: o
 node = argv[argv.index("--node_rank") + 1]
 with open(os.path.join(os.environ["RECORD_DIR"], f"launcher-{{node}}.json"), "w") as f:
     json.dump(record, f)
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))  # what the node's training ended with
 """
 
 
@@ -61,9 +67,23 @@ def _executable(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def render(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(RENDER), *options, "--", *PRETRAIN_ARGS], cwd=tmp_path,
+def render(tmp_path: Path, *options: str, args: list[str] = PRETRAIN_ARGS) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RENDER), *options, "--", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
+
+
+def run_job(job: Path, records: Path, **env: str) -> subprocess.CompletedProcess:
+    """bash JOB as Slurm would run it on nodes gpu07 and gpu08, with stand-ins for srun, scontrol and the launcher."""
+    bin_dir = records.parent / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    records.mkdir(exist_ok=True)
+    _executable(bin_dir / "srun", FAKE_SRUN)
+    _executable(bin_dir / "scontrol", FAKE_SCONTROL)
+    _executable(bin_dir / "python-stub", FAKE_PYTHON)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD_DIR": str(records),
+           "PYTHON": str(bin_dir / "python-stub"), "SLURM_JOB_ID": str(JOB_ID), "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_JOB_NUM_NODES": "2", "TMPDIR": str(records.parent), **env}
+    return subprocess.run(["bash", str(job)], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_rendered_for_two_nodes_of_eight_gpus(tmp_path: Path) -> None:
@@ -78,17 +98,10 @@ def test_rendered_for_two_nodes_of_eight_gpus(tmp_path: Path) -> None:
                           "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64", "#SBATCH --time=2:00:00",
                           "#SBATCH --output=logs/%x-%j.out", "#SBATCH --partition=gpu"]
 
-    bin_dir, records = tmp_path / "bin", tmp_path / "records"
-    bin_dir.mkdir()
-    records.mkdir()
-    _executable(bin_dir / "srun", FAKE_SRUN)
-    _executable(bin_dir / "scontrol", FAKE_SCONTROL)
-    _executable(bin_dir / "python-stub", FAKE_PYTHON)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD_DIR": str(records),
-           "PYTHON": str(bin_dir / "python-stub"), "SLURM_JOB_ID": str(JOB_ID), "SLURM_JOB_NODELIST": "gpu[07-08]",
-           "SLURM_JOB_NUM_NODES": "2", "TMPDIR": str(tmp_path)}
-    run = subprocess.run(["bash", str(job)], env=env, capture_output=True, text=True, timeout=60)
+    records = tmp_path / "records"
+    run = run_job(job, records)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert not (records / "requeued").exists()  # rendered without --requeue
     assert f"master gpu07:{slurm_master_port(JOB_ID)}" in run.stdout
 
     srun = json.loads((records / "srun.json").read_text())
@@ -112,6 +125,39 @@ def test_rendered_for_two_nodes_of_eight_gpus(tmp_path: Path) -> None:
                                  "MEGACLONE_COLLECTIVE_TIMEOUT": "300", "NUM_NODES": "2", "PROCS_PER_NODE": "8",
                                  "SLURM_NODEID": str(node)}
     assert expand_hostlist("gpu[07-08]")[0] == "gpu07"
+
+
+def test_requeue_after_a_node_failure_resumes_from_the_save_root(tmp_path: Path) -> None:
+    """--requeue 2: Slurm may requeue the job, and the job requeues itself when a node failed (exit 75), at most
+    twice; every start runs the same command, whose --load is its --save root (docs/cluster.md)."""
+    job = tmp_path / "job.sbatch"
+    done = render(tmp_path, "--nodes", "2", "--gpus-per-node", "8", "--requeue", "2", "--output", str(job))
+    assert done.returncode == 0, done.stderr
+    assert "#SBATCH --requeue" in job.read_text().splitlines()
+    for restart, status, requeued in ((0, 75, True), (1, 75, True), (2, 75, False), (0, 1, False), (0, 0, False)):
+        records = tmp_path / f"records-{restart}-{status}"
+        run = run_job(job, records, FAKE_EXIT=str(status), SLURM_RESTART_COUNT=str(restart))
+        assert run.returncode == status, run.stdout + run.stderr
+        assert (records / "requeued").is_file() == requeued, (restart, status)
+        if requeued:
+            assert (records / "requeued").read_text() == f"{JOB_ID}\n"
+            assert f"requeueing job {JOB_ID} (restart {restart} of 2)" in run.stdout
+        argv = json.loads((records / "launcher-1.json").read_text())["argv"]
+        assert argv[argv.index(str(REPO / "launch" / "pretrain.py")) + 1:] == [*PRETRAIN_ARGS, "--load",
+                                                                               "/shared/ckpt dir"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "c.yaml"], "--requeue needs --save DIR"),
+    (["--save", "/ckpt", "--load", "/other"], "--requeue: --load /other must be the --save root /ckpt"),
+])
+def test_requeue_needs_to_resume_its_own_saves(tmp_path: Path, args: list[str], message: str) -> None:
+    done = render(tmp_path, "--nodes", "2", "--gpus-per-node", "8", "--requeue", "1", "--output",
+                  str(tmp_path / "job.sbatch"), args=args)
+    assert done.returncode == 2 and message in done.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert render(tmp_path, "--nodes", "2", "--gpus-per-node", "8", "--requeue", "1",
+                  args=["--save=/ckpt", "--load", "/ckpt/"]).returncode == 0  # the same root, spelled otherwise
 
 
 @pytest.mark.parametrize("options, message", [

@@ -27,7 +27,6 @@ import torch
 
 from megaclone.checkpoint import ShardReader, load_model, read_manifest, resolve_checkpoint
 from megaclone.cluster import COLLECTIVE_TIMEOUT_ENV, EXIT_PEER_FAILURE, NODE_INVENTORY_NAME
-from megaclone.data import prepare_data
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -73,12 +72,12 @@ def launch_env(tmp: Path, **extra: str) -> dict[str, str]:
     return {**env, "PYTHON": sys.executable, "TMPDIR": str(tmp), COLLECTIVE_TIMEOUT_ENV: "60", **extra}
 
 
-def start_node(node: int, port: int, args: list[str], log: Path, tmp: Path) -> subprocess.Popen:
+def start_node(node: int, port: int, args: list[str], log: Path, tmp: Path, **env: str) -> subprocess.Popen:
     """launch/node.sh for one simulated node, in its own session so that killing it kills the whole node."""
     cmd = ["bash", str(REPO / "launch" / "node.sh"), "--nodes", "2", "--node-rank", str(node), "--master-addr",
            "127.0.0.1", "--master-port", str(port), "--procs-per-node", "2", "--", *args]
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=REPO, env=launch_env(tmp), stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=REPO, env=launch_env(tmp, **env), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
@@ -123,10 +122,9 @@ class Interrupted:
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Interrupted:
+def interrupted(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Interrupted:
     tmp = tmp_path_factory.mktemp("two_nodes")
-    prefix = tmp / "data" / "corpus"
-    prepare_data(prefix, vocab_size=512, seed=0)
+    prefix = tiny_corpus
     run_dir, roots, logs = tmp / "run", [tmp / f"node{n}" / "ckpt" for n in range(2)], [tmp / "node0.log",
                                                                                            tmp / "node1.log"]
     port = free_port()

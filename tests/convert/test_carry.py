@@ -84,6 +84,38 @@ def test_carry_with_widening_scales_moments(elastic_base, tmp_path: Path) -> Non
                     assert torch.equal(stored[moment_name(spec.name, key)], want), (spec.name, key, t)
 
 
+def test_carry_with_depth_growth(elastic_base, tmp_path: Path) -> None:  # noqa: F811
+    """--optimizer carry --grow-layers 3: a copied block's moments are its source block's, the zeroed output
+    projections of the inserted block start at zero; the step and schedule are the source's."""
+    from megaclone.clone import depth_plan
+    from megaclone.config import CloneConfig
+    from megaclone.spec import in_block
+
+    opts = ConvertOptions(input=elastic_base.step_dir, output=tmp_path / "deep", tp_size=2, pp_size=1,
+                          optimizer="carry", grow_layers=3, progress=False)
+    out = convert_checkpoint(opts).output
+    src, dst = read_manifest(elastic_base.step_dir), read_manifest(out)
+    assert dst.model.num_layers == 3 and dst.optimizer["step"] == src.optimizer["step"]
+    assert dst.optimizer["scheduler"] == src.optimizer["scheduler"]
+    plan = depth_plan(src.model, CloneConfig(init_from="src", grow_layers=3))
+    zeroed = 0
+    with OptimStateReader(elastic_base.step_dir) as ref:
+        for t in range(2):
+            stored = load_file(str(out / optim_file(t, 0)))
+            for spec in dst.params:
+                source = plan.source_of(spec)
+                for key in MOMENT_KEYS:
+                    got = stored[moment_name(spec.name, key)]
+                    if source is None:
+                        zeroed += 1
+                        assert not got.any(), (spec.name, key)
+                        continue
+                    assert source == (spec.name if not spec.name.startswith("blocks.") else
+                                      in_block(spec.name, plan.sources[spec.layer - 1]))
+                    assert torch.equal(got, ref.read_moment(source, key, spec.tp_slices(t, 2))), (spec.name, key)
+    assert zeroed == 2 * 2 * 4  # TP ranks x moments x (attn out, mlp out) x (weight, bias)
+
+
 def test_carry_errors(elastic_base, tmp_path: Path) -> None:  # noqa: F811
     weights_only = _convert_drop(elastic_base.step_dir, tmp_path / "drop")
     assert read_manifest(weights_only).optimizer is None
@@ -95,6 +127,10 @@ def test_carry_errors(elastic_base, tmp_path: Path) -> None:  # noqa: F811
     (bad / elastic_base.step_dir.name / optim_file(0, 0)).write_bytes(b"x" * 10)
     with pytest.raises(CheckpointError, match="optim/tp00-pp00"):
         _convert(bad / elastic_base.step_dir.name, tmp_path / "out", tp=2, pp=1)
+    with pytest.raises(ConvertError, match="--optimizer carry with --hyperclone-groups 1 < --hyperclone 2"):
+        convert_checkpoint(ConvertOptions(input=elastic_base.step_dir, output=tmp_path / "groups", optimizer="carry",
+                                          hyperclone=2, hyperclone_groups=1, progress=False))
+    assert not (tmp_path / "groups").exists()
 
 
 def _convert_drop(src: Path, out: Path) -> Path:

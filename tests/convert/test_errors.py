@@ -64,13 +64,15 @@ def test_existing_output(src, tmp_path) -> None:
     assert read_manifest(out).step == 9 and read_manifest(step9).tp_size == 2 and read_manifest(first).tp_size == 1
     fails(opts(src, src / "step_00000007", overwrite=True), ConvertError, "is the input checkpoint")
     (tmp_path / "a_file").write_text("x")
-    fails(opts(src, tmp_path / "a_file"), ConvertError, "exists and is not a directory")
+    fails(opts(src, tmp_path / "a_file"), ValueError, rf"--output {tmp_path / 'a_file'} is a file")
+    fails(opts(src, tmp_path / "a_file" / "ckpt"), ValueError, rf"lies under {tmp_path / 'a_file'}, which is a file")
+    fails(opts(src, Path("/sys/megaclone-out")), ValueError, r"--output /sys/megaclone-out: cannot write in /sys")
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(tp_size=3), r"--tp 3 --pp 2 does not fit the model \(num_query_groups=4.*num_query_groups=4 .* "
                       r"must be divisible by parallel.tp_size=3"),
-    (dict(tp_size=8, hyperclone=3), r"--tp 8 --pp 2 does not fit the widened model \(num_query_groups=12, "
+    (dict(tp_size=8, hyperclone=3), r"--tp 8 --pp 2 does not fit the model grown x3 .*\(num_query_groups=12, "
                                     r"ffn_size=192.*parallel.tp_size=8"),
     (dict(pp_size=3), r"--tp 2 --pp 3 .*model.num_layers=2 must be >= parallel.pp_size=3"),
     (dict(tp_size=32), r"ffn_size=64, padded vocab=64.*must be divisible by parallel.tp_size=32"),
@@ -84,7 +86,7 @@ def test_layout_does_not_divide(src, tmp_path, kw, match) -> None:
     (dict(optimizer="keep"), ConvertError, r"--optimizer 'keep': expected 'drop'"),
     (dict(clone_noise_db=10.0, clone_seed=3), ConvertError,
      r"--clone-noise-db, --clone-seed given without --hyperclone"),
-    (dict(hyperclone=1), ValueError, r"--hyperclone=1: expected an integer >= 2"),
+    (dict(hyperclone=1), ValueError, r"--hyperclone=1 keeps the width and --hyperclone-ffn is 1: nothing grows"),
     (dict(hyperclone=2, hyperclone_ffn=0), ValueError, r"--hyperclone-ffn=0: expected an integer >= 1"),
     (dict(hyperclone=2, clone_variant="mirror"), ValueError, r"variant='mirror'"),
     (dict(workers=0), ConvertError, r"--workers 0: expected an integer >= 1"),
@@ -215,3 +217,16 @@ def test_cli_clone_defaults_are_the_launchers(capsys) -> None:
     assert (o.hyperclone, o.clone_variant, o.clone_noise_db) == (0, "symmetric", None)
     assert cli.main([*base, "--clone-noise-db", "none"]) == 2
     assert "--clone-noise-db given without --hyperclone N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hyperclone", "0"], "argument --hyperclone: expected an integer >= 1, got 0"),  # was a plain copy, exit 0
+    (["--hyperclone", "2", "--hyperclone-ffn", "0"], "argument --hyperclone-ffn: expected an integer >= 1, got 0"),
+    (["--grow-layers", "-4"], "argument --grow-layers: expected an integer >= 1, got -4"),
+])
+def test_cli_refuses_factors_the_launcher_refuses(argv: list[str], message: str, tmp_path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _cli().main(["--input", str(tmp_path / "a"), "--output", str(tmp_path / "b"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -131,3 +131,16 @@ def test_prepare_data_trains_tokenizer_and_reuses(tmp_path, documents):
     again = prepare_data(tmp_path / "out" / "d", paths=[str(corpus)], vocab_size=400, valid_fraction=0.1, reuse=True)
     assert again == indexes
     assert (shard_paths(tmp_path / "out" / "d", "train")[0].stat().st_mtime_ns, model.stat().st_mtime_ns) == stamp
+
+
+def test_tokenizing_says_how_far_it_got(tmp_path, documents, tokenizer, monkeypatch, caplog):
+    """Without a terminal there is no progress bar: a line every PROGRESS_LOG_S seconds instead."""
+    import logging
+
+    monkeypatch.setattr(shards_module, "PROGRESS_LOG_S", 0.0)
+    monkeypatch.setattr(shards_module, "_ENCODE_BATCH_DOCS", 16)
+    with caplog.at_level(logging.INFO, logger="megaclone.data"):
+        write_token_shards(documents, tokenizer, tmp_path / "d")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: tokenized")]
+    assert said[0] == "data: tokenized 0 documents, 0 tokens"
+    assert said[1].startswith("data: tokenized 16 documents, ") and len(said) == 3  # 40 documents, 16 a batch

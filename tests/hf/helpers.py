@@ -18,6 +18,10 @@ VOCAB = 100
 SEQ = 16
 _LLAMA_BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5)
+_OPT_BASE = dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=32, dropout=0.0, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+_OLMO_BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, rope_theta=1000.0, eos_token_id=1, pad_token_id=2)
 
 # family -> (config class, kwargs): each exercises the options that family brings.
 CASES = {
@@ -38,6 +42,22 @@ CASES = {
         hidden_act="gelu_new")),
     "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
                                            bos_token_id=0, eos_token_id=0)),
+    # the opt-125m layout: word_embed_proj_dim == hidden, pre-norm, tied
+    "opt": (transformers.OPTConfig, _OPT_BASE),
+    # the opt-350m layout: a narrower embedding with project_in / project_out, post-norm, no final norm, tied
+    "opt_350m": (transformers.OPTConfig, dict(_OPT_BASE, word_embed_proj_dim=16, do_layer_norm_before=False)),
+    "opt_350m_untied_plain": (transformers.OPTConfig, dict(
+        _OPT_BASE, word_embed_proj_dim=16, do_layer_norm_before=False, tie_word_embeddings=False, enable_bias=False,
+        layer_norm_elementwise_affine=False, activation_function="gelu")),
+    "olmo_tied": (transformers.OlmoConfig, dict(_OLMO_BASE, tie_word_embeddings=True)),  # like OLMo-1B
+    "olmo": (transformers.OlmoConfig, _OLMO_BASE),
+    "olmo2": (transformers.Olmo2Config, _OLMO_BASE),
+    "olmo2_tied": (transformers.Olmo2Config, dict(_OLMO_BASE, tie_word_embeddings=True, num_key_value_heads=4)),
+    # head_dim 16 with 4 heads: 64 wide attention in a 32 wide model
+    "gemma": (transformers.GemmaConfig, dict(_LLAMA_BASE, head_dim=16, rms_norm_eps=1e-6, bos_token_id=0,
+                                             eos_token_id=1, pad_token_id=2)),
+    "gemma_untied": (transformers.GemmaConfig, dict(_LLAMA_BASE, head_dim=8, num_key_value_heads=4,
+                                                    tie_word_embeddings=False)),
 }
 FAMILY_OF = {case: cls.model_type for case, (cls, _) in CASES.items()}
 

@@ -53,3 +53,18 @@ def test_user_errors_exit_2(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "convert_hf.py export: error: the qwen2 family cannot express this model" in err
     assert "norm='layernorm'" in err and not (tmp_path / "o").exists()
+
+
+def test_new_families_from_the_command_line(tmp_path: Path, capsys) -> None:
+    """OPT-350m's layout in and out at TP 2 x PP 2; Gemma-2 refused by the features it adds."""
+    cli = load_cli()
+    model = save_hf_model("opt_350m", tmp_path / "hf")
+    assert cli.main(["import", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"), "--tp", "2",
+                     "--pp", "2"]) == 0
+    assert cli.main(["export", "--ckpt", str(tmp_path / "ckpt"), "--hf-dir", str(tmp_path / "out")]) == 0
+    assert torch.equal(hf_logits(hf_load(tmp_path / "out"), sample_tokens()), hf_logits(model, sample_tokens()))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, model_type="gemma2")))
+    capsys.readouterr()
+    assert cli.main(["import", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt2")]) == 2
+    assert "Gemma-2's sliding-window layers" in capsys.readouterr().err and not (tmp_path / "ckpt2").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,8 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megaclone.config import ConfigError, ModelConfig
-from megaclone.hf import OutputExistsError, UnsupportedModelError, export_hf_checkpoint, import_hf_checkpoint
-from megaclone.hf.families import infer_family
+from megaclone.hf import (
+    OutputExistsError,
+    UnsupportedModelError,
+    export_hf_checkpoint,
+    import_hf_checkpoint,
+    infer_family,
+)
 from tests.hf.helpers import CASES, save_hf_model
 
 
@@ -38,7 +44,7 @@ REFUSALS = [
      "rope scaling type 'yarn'"),
     ("llama", dict(rope_scaling=None, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
      "rope scaling type 'dynamic'"),
-    ("llama", dict(model_type="mixtral"), "model_type='mixtral' is not supported"),
+    ("llama", dict(model_type="mixtral"), r"Mixtral's mixture of experts \(num_local_experts\) \(model_type='mixtral'"),
     ("llama", dict(num_local_experts=8), r"mixture of experts \(MoE\) .*num_local_experts=8"),
     ("qwen2", dict(num_experts=4), "mixture of experts"),
     ("gpt_neox", dict(model_type="bloom"), "model_type='bloom'"),
@@ -53,6 +59,19 @@ REFUSALS = [
     ("llama", dict(architectures=["LlamaForSequenceClassification"]), "causal LM head"),
     ("llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
      "partial rotary"),
+    ("gemma", dict(model_type="gemma2"), r"Gemma-2's sliding-window layers \(sliding_window, layer_types\), "
+                                         "attention and final logit soft-capping"),
+    ("gemma", dict(model_type="gemma3_text"), "Gemma-3's sliding-window layers"),
+    ("olmo2", dict(model_type="olmo3"), r"OLMo-3's sliding-window layers .*model_type='olmo3'"),
+    ("olmo", dict(model_type="olmoe"), "mixture of experts"),
+    ("gemma", dict(use_bidirectional_attention=True), "bidirectional attention"),
+    ("gemma", dict(hidden_act="relu"), "activation 'relu' .*hidden_act; Gemma's MLP is gated by the tanh GELU"),
+    ("gemma", dict(attention_bias=True), "biases on attention but not on the MLP .*attention_bias=true"),
+    ("olmo", dict(clip_qkv=8.0), r"clipped q/k/v activations \(clip_qkv=8.0\)"),
+    ("olmo2", dict(attention_bias=True), "biases on attention but not on the MLP"),
+    ("olmo2", dict(hidden_act="gelu"), "activation 'gelu'"),
+    ("opt", dict(layerdrop=0.1), r"LayerDrop \(layerdrop=0.1"),
+    ("opt", dict(activation_function="silu"), "activation 'silu'"),
 ]
 
 
@@ -142,3 +161,21 @@ def test_export_refuses_what_no_family_expresses(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="--dtype 'int8'"):
         export_hf_checkpoint(step_dir, tmp_path / "out", dtype="int8")
+
+
+def test_export_names_the_family_options_a_family_lacks() -> None:
+    olmo2 = ModelConfig(vocab_size=100, hidden_size=32, num_heads=4, activation="swiglu", norm="rmsnorm", bias=False,
+                        norm_placement="branch", qk_norm=True)
+    assert infer_family(olmo2) == "olmo2"
+    with pytest.raises(UnsupportedModelError, match="the llama family cannot express .*norm_placement='branch'; "
+                                                    "qk_norm=True"):
+        infer_family(olmo2, "llama")
+    post_with_final = ModelConfig(vocab_size=100, hidden_size=32, num_heads=4, activation="relu", position="learned",
+                                  position_offset=2, norm_placement="post")
+    with pytest.raises(UnsupportedModelError, match="opt: final_norm=True with norm_placement='post'"):
+        infer_family(post_with_final)
+    assert infer_family(dataclasses.replace(post_with_final, final_norm=False)) == "opt"
+    olmo_eps = ModelConfig(vocab_size=100, hidden_size=32, num_heads=4, activation="swiglu", bias=False,
+                           norm_affine=False, norm_eps=1e-6)
+    with pytest.raises(UnsupportedModelError, match=r"olmo: norm_eps=1e-06"):  # OLMo's LayerNorm fixes 1e-5
+        infer_family(olmo_eps)

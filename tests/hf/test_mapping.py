@@ -35,6 +35,14 @@ CONFIGS = {
                         max_seq_len=16, tied_embeddings=False),
     "gpt_neox": ModelConfig(vocab_size=100, vocab_multiple=64, hidden_size=32, num_heads=4, rope_fraction=0.25,
                             parallel_residual=True, activation="gelu_exact"),
+    "opt": ModelConfig(vocab_size=100, vocab_multiple=64, hidden_size=32, num_heads=4, position="learned",
+                       position_offset=2, max_seq_len=16, embed_size=16, activation="relu", norm_placement="post",
+                       final_norm=False, tied_embeddings=False),
+    "olmo2": ModelConfig(vocab_size=100, vocab_multiple=64, hidden_size=32, num_heads=8, num_query_groups=4,
+                         activation="swiglu", norm="rmsnorm", bias=False, norm_placement="branch", qk_norm=True),
+    "gemma": ModelConfig(vocab_size=100, vocab_multiple=64, hidden_size=32, num_heads=8, num_query_groups=4,
+                         head_size=16, activation="geglu", norm="rmsnorm", norm_unit_offset=True, bias=False,
+                         scale_embeddings=True),
 }
 
 

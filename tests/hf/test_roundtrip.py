@@ -18,7 +18,8 @@ ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "nu
              "num_key_value_heads", "head_dim", "rms_norm_eps", "layer_norm_eps", "tie_word_embeddings",
              "attention_bias", "mlp_bias", "use_parallel_residual", "hidden_act", "n_embd", "n_layer", "n_head",
              "n_positions", "activation_function", "layer_norm_epsilon", "max_position_embeddings", "bos_token_id",
-             "eos_token_id")
+             "eos_token_id", "ffn_dim", "word_embed_proj_dim", "do_layer_norm_before", "_remove_final_layer_norm",
+             "enable_bias", "layer_norm_elementwise_affine", "clip_qkv")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -70,15 +71,20 @@ def test_bf16_round_trip(tmp_path: Path) -> None:
         assert t.dtype == torch.bfloat16 and torch.equal(exported[name], t), name
 
 
-def test_gpt2_without_transformer_prefix(tmp_path: Path) -> None:
-    """The original GPT-2 checkpoints name tensors without `transformer.` and keep the attention mask buffers."""
-    model = save_hf_model("gpt2", tmp_path / "hf")
+@pytest.mark.parametrize("case,prefix", [("gpt2", "transformer."), ("opt_350m", "model.")])
+def test_checkpoints_without_the_model_prefix(case: str, prefix: str, tmp_path: Path) -> None:
+    """The original GPT-2 and OPT checkpoints name tensors without `transformer.` / `model.` (GPT-2's also keep the
+    attention mask buffers); export writes the prefix back."""
+    model = save_hf_model(case, tmp_path / "hf")
     path = tmp_path / "hf" / "model.safetensors"
-    tensors = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
-    for i in range(2):
-        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    tensors = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+    assert not any(k.startswith(prefix) for k in tensors)
+    if case == "gpt2":
+        for i in range(2):
+            tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
     save_file(tensors, str(path), metadata={"format": "pt"})
     step_dir = import_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt")
     out = export_hf_checkpoint(step_dir, tmp_path / "out")
-    assert "transformer.wte.weight" in read_safetensors(out)
+    written = read_safetensors(out)
+    assert all(k.startswith(prefix) for k in written if k != "lm_head.weight")
     assert (hf_logits(hf_load(out), sample_tokens()) - hf_logits(model, sample_tokens())).abs().max() == 0

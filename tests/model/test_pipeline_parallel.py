@@ -29,7 +29,7 @@ from megaclone.model import (
 from megaclone.parallel import build_layout
 from megaclone.spec import build_param_specs, stage_layer_range, stages_of
 from tests.distributed import run_distributed
-from tests.model.test_tensor_parallel import ARCHS, tiny_config
+from tests.model.test_tensor_parallel import ARCHS, FAMILY_ARCHS, tiny_config
 
 SGD_LR = 1.0  # ZeRO-1 cases read the gradient as (before - after) / lr of one SGD step
 
@@ -164,6 +164,8 @@ def test_pp2_and_pp1_dp2_match_reference() -> None:
         _make_case("gqa-swiglu-pp2-zero1-clip", GQA_SWIGLU, 1, 2, 1, 2, batch=2, seed=2, grad_clip=0.5),
         # one stage holding both tied specs (DeepSpeed reuses the embedding for the logits), DP=2
         _make_case("tied-learned-pp1-dp2-zero0", TIED, 1, 1, 0, 1, batch=2, seed=7, position="learned"),
+        # a final norm without parameters as layer L+1, the tied embedding on both stages (OLMo)
+        _make_case("olmo-tied-pp2-zero1-clip", FAMILY_ARCHS["olmo-tied"], 1, 2, 1, 1, batch=2, seed=8, grad_clip=0.5),
     ]
     results = run_distributed(_worker, 2, cases, use_deepspeed=True)
     for i, case in enumerate(cases):
@@ -179,6 +181,10 @@ def test_tp2_pp2_and_pp2_dp2_match_reference() -> None:
         _make_case("mqa-pp2-dp2-zero0", MQA, 1, 2, 0, 2, batch=4, seed=5),
         _make_case("tied-learned-pp2-dp2-zero1-clip", TIED, 1, 2, 1, 2, batch=4, seed=6, grad_clip=0.5,
                    position="learned"),
+        # project_in on the first stage, project_out in layer L+1 before the tied unembedding, post-norm (OPT-350m)
+        _make_case("opt350-tp2-pp2-zero1-clip", FAMILY_ARCHS["opt350"], 2, 2, 1, 1, batch=2, seed=9, grad_clip=0.1),
+        # QK-norm across the TP pair, the gain 1 + w as layer L+1 (OLMo-2 norms, Gemma's embedding)
+        _make_case("gemma-qknorm-tp2-pp2-zero0", FAMILY_ARCHS["gemma"], 2, 2, 0, 1, batch=2, seed=10, qk_norm=True),
     ]
     results = run_distributed(_worker, 4, cases, use_deepspeed=True)
     for i, case in enumerate(cases):

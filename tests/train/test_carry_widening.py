@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from megaclone.clone import build_clone_shard, clone_moment, widen_model_config
+from megaclone.clone import build_clone_shard, check_carry_possible, clone_moment, widen_model_config
 from megaclone.config import CloneConfig, ModelConfig, TrainConfig
 from megaclone.model import ReferenceGPT
 from megaclone.spec import spec_table
@@ -26,7 +26,7 @@ from megaclone.train.carry import (
     transition_progress,
 )
 from megaclone.train.optim import adamw, build_param_groups, lr_factor
-from tests.clone import dict_reader, small_config
+from tests.clone import FAMILY_ARCHS, dict_reader, small_config
 from tests.train.conftest import TINY, launch, metrics
 
 ARCHS = {
@@ -34,19 +34,18 @@ ARCHS = {
     "untied-gelu": dict(tied_embeddings=False),
     "tied-swiglu": dict(activation="swiglu", norm="rmsnorm"),
     "untied-swiglu": dict(activation="swiglu", tied_embeddings=False, position="learned", num_query_groups=2),
+    # the imported families' options: the tied fold in project_out (s = n q, p = 1), Gemma's sqrt(n) embedding
+    # and final-norm factors, QK-norm over query groups
+    "tied-opt350": FAMILY_ARCHS["opt350-post-relu-proj-tied"],
+    "tied-gemma": FAMILY_ARCHS["gemma-geglu-offset-scaled-tied"],
+    "untied-olmo2": FAMILY_ARCHS["olmo2-branch-qknorm-gqa-untied"],
 }
 TRAIN = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_iters=3, train_iters=30, weight_decay=0.1, grad_clip=0.5,
                     beta1=0.9, beta2=0.95, adam_eps=1e-8)
 K, MORE = 6, 20  # small steps before the widening, steps after it
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only contend (tens of times slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(cfg: ModelConfig, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -182,6 +181,15 @@ def test_exact_continuation_plain_pytorch(arch: str) -> None:
         clipped += norm > TRAIN.grad_clip
     assert 0 < clipped  # the clipping threshold mattered
     assert int(wide_opt.state[groups[0]["params"][0]]["step"]) == K + MORE
+
+
+def test_carry_refuses_a_clone_that_unties() -> None:
+    """A tied model with no parametric final norm and no project_out is untied by its clone (OLMo-1B): the small
+    embedding's moments mix both uses' gradients, so there is nothing exact to carry."""
+    cfg = small_config("olmo-plainln-swiglu-tied")
+    with pytest.warns(UserWarning, match="unties"), pytest.raises(ValueError, match="cannot be carried"):
+        check_carry_possible(cfg, CloneConfig(factor=2))
+    check_carry_possible(small_config("gemma-geglu-offset-scaled-tied"), CloneConfig(factor=2))  # folds: fine
 
 
 def test_without_the_scaled_groups_the_trajectory_departs() -> None:

@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from megaclone.checkpoint import write_weights_checkpoint
+from megaclone.checkpoint import weight_file, write_weights_checkpoint
 from megaclone.config import CloneConfig, ModelConfig, ParallelConfig
+from megaclone.convert import ConvertOptions, convert_checkpoint
 from megaclone.model import ReferenceGPT, init_params
-from megaclone.parallel import Layout
+from megaclone.parallel import Layout, build_layout
 from megaclone.spec import spec_table
 from megaclone.train.cloning import build_rank_clone, check_preservation, plan_clone, symmetry_monitor
+from tests.convert import bit_equal, read_file_tensors
+from tests.distributed import run_distributed
 
 SMALL = ModelConfig(vocab_size=200, vocab_multiple=64, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=16)
 
@@ -69,6 +72,44 @@ def test_preservation_check_fails_loudly(small_ckpt: Path) -> None:
         check_preservation(model, Layout(), source, batch(), "fp32")
     stats = check_preservation(model, Layout(), source, batch(), "bf16")  # bf16: reported, not enforced
     assert stats["preservation_rel_error"] > 1e-4
+
+
+NOISE = (None, 0.0)  # off, and the launcher's default
+
+
+def _split_clone_worker(rank: int, world_size: int, ckpt: str, tp: int) -> tuple[int, list, dict]:
+    """build_rank_clone on one of 2 gloo ranks, recording the row share each call of build_clone_shard computed."""
+    import megaclone.train.cloning as cloning
+
+    shares, original = [], cloning.build_clone_shard
+
+    def spy(*args, **kwargs):
+        shares.append(kwargs["share"])
+        return original(*args, **kwargs)
+
+    cloning.build_clone_shard = spy
+    layout = build_layout(ParallelConfig(tp_size=tp))
+    out = {}
+    for noise_db in NOISE:
+        clone = CloneConfig(init_from=ckpt, factor=2, variant="diagonal", noise_db=noise_db, seed=4)
+        out[noise_db] = build_rank_clone(plan_clone(clone, ParallelConfig(tp_size=tp), world_size), layout)
+    return layout.tp_rank, shares, out
+
+
+@pytest.mark.parametrize("tp", [1, 2])  # DP=2 (each replica computes half of every slice, then they exchange); TP=2
+def test_launch_widening_equals_the_converter_bit_for_bit(small_ckpt: Path, tmp_path: Path, tp: int) -> None:
+    results = run_distributed(_split_clone_worker, 2, str(small_ckpt), tp)
+    dp_size = 2 // tp
+    assert [shares for _, shares, _ in results] == [[(rank // tp, dp_size)] * len(NOISE) for rank in range(2)]
+    for noise_db in NOISE:
+        out = convert_checkpoint(ConvertOptions(input=small_ckpt, output=tmp_path / str(noise_db), tp_size=tp,
+                                                pp_size=1, hyperclone=2, clone_variant="diagonal",
+                                                clone_noise_db=noise_db, clone_seed=4, progress=False)).output
+        for tp_rank, _, tensors in results:
+            stored = read_file_tensors(out / weight_file(tp_rank, 0))
+            assert stored.keys() == tensors[noise_db].keys()
+            for name, tensor in tensors[noise_db].items():
+                assert bit_equal(tensor, stored[name]), (noise_db, tp_rank, name)
 
 
 def test_symmetry_monitor(small_ckpt: Path) -> None:

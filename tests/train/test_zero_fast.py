@@ -130,3 +130,23 @@ def _single_rank(rank: int, world: int) -> tuple[bool, bool]:
 
 def test_all_reduce_over_one_rank_is_skipped_and_over_two_is_not() -> None:
     assert run_distributed(_single_rank, 2, use_deepspeed=True) == [(True, True), (True, True)]
+
+
+
+def _muon_worker(rank: int, world_size: int) -> tuple[bool, bool, bool]:
+    import sys
+
+    from megaclone.train.zero_fast import MUON_MODULE
+
+    cfg = load_run_config(TINY, ["model.vocab_size=512"])
+    layout = build_layout(cfg.parallel)
+    engine = build_engine(cfg, layout, build_model(cfg, layout, TPRNGTracker(0, 0)), torch.device("cpu"))
+    muon = sys.modules.get(MUON_MODULE)
+    inductor = "torch._inductor.compile_fx" in sys.modules
+    return engine.zero_optimization_stage() == 1, not hasattr(muon, "__file__"), inductor
+
+
+def test_deepspeed_engines_start_without_importing_muon() -> None:
+    """`skip_muon_import`: a ZeRO-1 engine starts in a fresh process on the stand-in for DeepSpeed's Muon module,
+    and torch's inductor compiler behind the real one is never imported."""
+    assert run_distributed(_muon_worker, 1, use_deepspeed=True) == [(True, True, False)]
