@@ -16,7 +16,8 @@ Protocol: at the smallest size each swept type's peak lr runs on a x2 grid of 4 
 an edge is extended on that side until it is interior (at most 3 steps); fresh's warmup then runs at x4 around 5%
 at its best lr; every type's best runs on seeds 1 and 2. At the two larger sizes random init and the best recipe
 (the clone type with the largest speedup at the 100% target) get a 3-point sweep around the next smaller size's
-optimum, extended likewise, and their best runs on seed 1. Speedup (bench/speedup_report.py): for random init's
+optimum, extended likewise, and their best runs on seed 1 (S continued, a reference only, is run at the smallest
+size alone). Speedup (bench/speedup_report.py): for random init's
 held-out loss at 25/50/75/100% of its steps, the wide-model tokens each run needs to reach it, relative to random's,
 as is, with S's training FLOPs added, and with S's tokens added; mean and spread over the seeds.
 
@@ -142,7 +143,7 @@ class SizeResult:
     size: Size
     types: dict[str, TypeResult]
     small: dict  # S's record
-    continued: dict  # S continued
+    continued: dict | None  # S continued (the smallest size only)
     seeds: tuple[int, ...]
 
 
@@ -158,7 +159,7 @@ def study_smallest(cache: RunCache, size: Size, grid: dict[str, tuple[float, ...
     types = {t: TypeResult(s.best, size.warmup, dict(s.records), at_edge=s.at_edge) for t, s in sweeps.items()}
     types["fresh"].warmup, types["fresh"].warmup_sweep = round(warm.best), dict(warm.records)
     types["fresh@random"] = TypeResult(types["random"].lr, size.warmup)
-    return finish(cache, size, types, seeds)
+    return finish(cache, size, types, seeds, continued=True)
 
 
 def study_larger(cache: RunCache, size: Size, centers: dict[str, TypeResult], smaller: Size,
@@ -172,19 +173,21 @@ def study_larger(cache: RunCache, size: Size, centers: dict[str, TypeResult], sm
     types = {t: TypeResult(s.best, warmups[t], dict(s.records), at_edge=s.at_edge) for t, s in sweeps.items()}
     if "fresh@random" in centers:
         types["fresh@random"] = TypeResult(types["random"].lr, warmups["random"])
-    return finish(cache, size, types, seeds)
+    return finish(cache, size, types, seeds, continued=False)
 
 
-def finish(cache: RunCache, size: Size, types: dict[str, TypeResult], seeds: tuple[int, ...]) -> SizeResult:
-    """Each type's best on every seed, S's record and S continued."""
+def finish(cache: RunCache, size: Size, types: dict[str, TypeResult], seeds: tuple[int, ...],
+           continued: bool) -> SizeResult:
+    """Each type's best on every seed, S's record and (`continued`) S continued."""
     pairs = [(t, s) for t in types for s in seeds]
     records = cache.ensure(size.spec(t, types[t].lr, s, types[t].warmup) for t, s in pairs)
     for (t, s), rec in zip(pairs, records):
         types[t].seeds[s] = rec
-    small, continued = cache.ensure([size.small_spec(), size.continued_spec()])
+    small, *more = cache.ensure([size.small_spec(), *([size.continued_spec()] if continued else [])])
     # A resumed run does not evaluate before its first step: its curve starts where S's ends.
-    continued = {**continued, "steps": [0, *continued["steps"]], "loss": [small["loss"][-1], *continued["loss"]]}
-    return SizeResult(size, types, small, continued, seeds)
+    cont = {**more[0], "steps": [0, *more[0]["steps"]], "loss": [small["loss"][-1], *more[0]["loss"]]} if more \
+        else None
+    return SizeResult(size, types, small, cont, seeds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-lr", type=float, default=6e-4, help="--gpu: centre of the 3-point lr sweeps")
     p.add_argument("--recipe", choices=CLONES, default=None,
                    help="the clone type taken to the larger sizes (default: the best at the smallest size)")
+    p.add_argument("--sizes", type=int, default=None, help="study the N smallest sizes only (default all): lets "
+                   "another benchmark run between the smallest size and the larger ones")
     p.add_argument("--hours", type=float, default=2.0, help="start no run that would end after this many hours")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time, each one process with one thread "
                    "(default 1; --quick: 2)")
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     records = root / "records" if args.quick else RECORDS
     cache = RunCache(root, records, jobs=args.jobs or (2 if args.quick else 1), commit=args.commit and not args.quick,
                      deadline=-1.0 if args.report_only else time.time() + 3600 * args.hours)
-    sizes = quick_sizes() if args.quick else [gpu_size()] if args.gpu else cpu_sizes()
+    study = quick_sizes() if args.quick else [gpu_size()] if args.gpu else cpu_sizes()
+    sizes = study[:args.sizes] if args.sizes else study
     grid_lrs = (2e-3, 4e-3) if args.quick else (1e-3, 2e-3, 4e-3, 8e-3)
     grid = {t: grid_lrs for t in SWEPT} | {"random": tuple(2 * x for x in grid_lrs)}
     max_extend, t0 = (1 if args.quick else 3), time.time()
@@ -232,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {e}; run the same command again to continue", flush=True)
         complete = False
     command = "python bench/hyperclone_speedup.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(docs, results, sizes, complete=complete, quick=args.quick, gpu=args.gpu, command=command.strip(),
-                 cache=cache, elapsed=time.time() - t0)
+    write_report(docs, results, complete=complete and len(results) == len(study), quick=args.quick, gpu=args.gpu,
+                 command=command.strip(), cache=cache, elapsed=time.time() - t0)
     return 0 if complete else EXIT_INCOMPLETE
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from report import save_png, write_section
-from study_runs import loss_at, tokens_to_reach
+from study_runs import loss_at, machine_line, tokens_to_reach
 
 from megaclone.checkpoint.manifest import atomic_write_text
 
@@ -150,7 +149,7 @@ def plot_size(res: SizeResult, table: dict, path: Path) -> None:
     (ax_c, ax_s, ax_a), bottom = axes
     colors = dict(zip([*res.types, "continued"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     n, tps = res.size.wide_iters, res.small["tokens_per_step"]
-    for t, tr in [*res.types.items(), ("continued", None)]:
+    for t, tr in [*res.types.items(), *([("continued", None)] if res.continued else [])]:
         by_seed = tr.seeds if tr is not None else {res.seeds[0]: res.continued}
         for i, rec in enumerate(by_seed.values()):
             label = f"{LABELS[t]}" + (f" (lr {tr.lr:g}, warmup {tr.warmup})" if tr else "") if i == 0 else None
@@ -235,8 +234,9 @@ def size_lines(res: SizeResult, table: dict) -> list[str]:
              f"20% of steps {late[0] - late[-1]:.4f} ({(late[0] - late[-1]) / late[0]:.2%}). Wide: "
              f"{res.types['random'].seeds[res.seeds[0]]['num_params']:,} parameters, {n} steps ({n * tps:,} tokens), "
              f"seeds {', '.join(map(str, res.seeds))}. At the widening the clones are at {fmt(at_widening, 4)} on the "
-             f"wide runs' held-out batches; S continued (on S's) goes from {small['loss'][-1]:.4f} to "
-             f"{res.continued['loss'][-1]:.4f} in the same number of steps.", "",
+             f"wide runs' held-out batches" + (f"; S continued (on S's) goes from {small['loss'][-1]:.4f} to "
+                                                f"{res.continued['loss'][-1]:.4f} in the same number of steps"
+                                                if res.continued else "") + ".", "",
              "| run type | peak lr sweep, seed 0 (lr: final loss) | best lr, warmup | final loss |",
              "|---|---|---|---|"]
     for t, tr in res.types.items():
@@ -291,7 +291,7 @@ def verdict_lines(tr: dict) -> list[str]:
             f"{'met' if low_f >= GOAL_FLOPS else 'NOT met'}).", ""]
 
 
-def write_report(docs: Path, results: list[SizeResult], sizes: list[Size], complete: bool, quick: bool, gpu: bool,
+def write_report(docs: Path, results: list[SizeResult], complete: bool, quick: bool, gpu: bool,
                  command: str, cache: RunCache, elapsed: float) -> None:
     """The section of docs/results.md, the plots and docs/results/speedup_study[_gpu].json."""
     name = NAME + ("_gpu" if gpu else "")
@@ -299,7 +299,7 @@ def write_report(docs: Path, results: list[SizeResult], sizes: list[Size], compl
     tables = {res.size.name: speedups(res) for res in results}
     records = [r for res in results for tr in res.types.values() for r in [*tr.sweep.values(),
                *tr.warmup_sweep.values(), *tr.seeds.values()]] + [x for res in results for x in (res.small,
-                                                                                                  res.continued)]
+                                                                                                  res.continued) if x]
     unique = {r["name"]: r for r in records}.values()
     lines = [f"## Does cloning beat a tuned random init, and how does that change with scale? "
              f"(bench/hyperclone_speedup.py{' --gpu' if gpu else ''})", ""]
@@ -307,12 +307,11 @@ def write_report(docs: Path, results: list[SizeResult], sizes: list[Size], compl
         lines += ["**QUICK RUN: tiny models, a few dozen steps. The numbers mean nothing about HyperCloning.**", ""]
     if not complete:
         done = ", ".join(r.size.name for r in results) or "none"
-        lines += [f"**In progress: sizes complete: {done}; the rest resumes with the same command.**", ""]
+        lines += [f"**In progress: sizes complete: {done}; the rest resumes with the same command (without "
+                  "--sizes).**", ""]
     cpu_h, wall_h = (sum(r[k] for r in unique) / 3600 for k in ("cpu_seconds", "wall_seconds"))
     lines += [f"Command: `{command}`", "",
-              f"Machine: {next(iter(unique))['machine'] if unique else '-'}; one process and one torch thread per "
-              f"run, niced, {cache.jobs} at a time, beside other work (load average now "
-              f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}). Runs reported here: {len(unique)}, "
+              f"Machine: {machine_line()}; {cache.jobs} runs at a time. Runs reported here: {len(unique)}, "
               f"{cpu_h:.2f} CPU hours, {wall_h:.2f} hours of run wall time; this invocation started "
               f"{cache.started} runs "
               f"({cache.cpu_seconds / 3600:.2f} CPU hours) in {elapsed / 3600:.2f} h. Records: "
@@ -327,7 +326,7 @@ def write_report(docs: Path, results: list[SizeResult], sizes: list[Size], compl
                           "sweep": {f"{x:g}": r["loss"][-1] for x, r in sorted(tr.sweep.items())},
                           "warmup_sweep": {f"{x:g}": r["loss"][-1] for x, r in sorted(tr.warmup_sweep.items())},
                           "runs": {s: r["name"] for s, r in tr.seeds.items()}} for t, tr in res.types.items()},
-            "small": res.small["name"], "continued": res.continued["name"],
+            "small": res.small["name"], "continued": res.continued and res.continued["name"],
             "speedups": {t: {k: {f"{x:g}": v for x, v in by_x.items()} for k, by_x in kinds.items()}
                          for t, kinds in tables[res.size.name].items()}}
     if complete and len(results) > 1:
