@@ -40,13 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from hyperclone_speedup import SEQ_LEN, SMALL_MODEL, VOCAB, launch, machine_line, wide_model, write_config  # noqa: E402
 from report import save_png, write_section  # noqa: E402
+from study_runs import Scale, launch, machine_line, model_dict, widened, write_config  # noqa: E402
 
 from megaclone.checkpoint.manifest import atomic_write_text  # noqa: E402
 from megaclone.train import read_metrics  # noqa: E402
 from megaclone.train.optim import lr_factor  # noqa: E402
 
+SMALL_MODEL = model_dict(64)
+SEQ_LEN, VOCAB = Scale().seq_len, Scale().vocab
 EVAL = 10  # steps between evaluations
 BATCH = 8  # sequences per step, one process
 GOAL_GAP = 0.002  # (b) may fall behind (d) by at most 0.2%
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = run_config(root, "small", SMALL_MODEL, schedule(total, args.lr, min_lr, warmup, args.seed, args.eval_iters),
                      "", str(ckpt), K)
     print(f"[{time.strftime('%H:%M:%S')}] S: {total} steps, saved at {K}", flush=True)
-    launch(small_dir, ["--config", str(cfg)], "python", root / "logs" / "small.log")
+    launch(small_dir, ["--config", str(cfg)], root / "logs" / "small.log")
     source = ckpt / f"step_{K:08d}"
     data = str(small_dir / "data" / "corpus")
     clone_flags = ["--init-from", str(source), "--hyperclone", "2", "--clone-variant", args.variant,
@@ -162,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (flags, train, offset) in runs.items():
         slug = name.split(")")[0].strip("(") + "_" + "".join(ch if ch.isalnum() else "_" for ch in name[4:]).strip("_")
         run_dir = root / "wide" / tag / slug
-        cfg = run_config(root, f"{tag}_{slug}", wide_model(), train, data)
+        cfg = run_config(root, f"{tag}_{slug}", widened(SMALL_MODEL), train, data)
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
-        launch(run_dir, ["--config", str(cfg), *clone_flags, *flags], "python",
+        launch(run_dir, ["--config", str(cfg), *clone_flags, *flags],
                root / "logs" / f"{tag}_{slug}.log")
         curves[name] = held_out(run_dir, offset)
     d = curves["(d) small continued"]
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Widening as a continuation: {clone}{where}, seed {args.seed}{schedule_note}"
     lines = [f"## {title} (bench/carry_transition.py)", "",
              f"Command: `python bench/carry_transition.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             "", f"Machine: {machine_line('python')}", "",
+             "", f"Machine: {machine_line()}", "",
              f"S (d=64, 4 layers, vocab {VOCAB}, seq {SEQ_LEN}, {BATCH} sequences/step) trained {K + AFTER} steps "
              f"(warmup {warmup}, cosine {args.lr:g} -> {min_lr:g}), widened x2 at step {K} (lr there {lr_k:.3g}). "
              f"Held-out loss every {EVAL} steps on the same {args.eval_iters} fixed batches; every run reads the "

@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="train nothing: report what the records hold")
     p.add_argument("--root", default=None, help="run directories (default runs/study, shared with the speedup study; "
                    "--quick: runs/depth_growth_quick)")
+    p.add_argument("--docs", default=None, help="where results.md and results/ go (default docs/; --quick: the root)")
     args = p.parse_args(argv)
     root = Path(args.root or ROOT / "runs" / ("depth_growth_quick" if args.quick else "study"))
-    docs = root / "docs" if args.quick else ROOT / "docs"
+    docs = Path(args.docs or (root / "docs" if args.quick else ROOT / "docs"))
     cache = RunCache(root, root / "records" if args.quick else RECORDS, jobs=args.jobs or (2 if args.quick else 1),
                      commit=args.commit and not args.quick,
                      deadline=-1.0 if args.report_only else time.time() + 3600 * args.hours)
