@@ -129,16 +129,18 @@ def run_study(cache: RunCache, setup: Setup, grid: tuple[float, ...], seeds: tup
 
 
 def speedups(res: Result) -> dict[str, dict[str, list[float | None]]]:
-    """path -> {"as_is", "with_source_flops"} -> per-seed speedup at random init's final loss (None: not reached)."""
+    """path -> {"tokens", "as_is", "with_source_flops"} -> per seed: the T-tokens needed to reach random init's final
+    loss, and the speedups (None: not reached)."""
     out = {}
     for p, sweep in res.paths.items():
         src = res.sources[p]
         src_flops = src["steps_run"] * src["tokens_per_step"] * src["flops_per_token"]
-        out[p] = {"as_is": [], "with_source_flops": []}
+        out[p] = {"tokens": [], "as_is": [], "with_source_flops": []}
         for seed in res.seeds:
             rand, rec = res.random.seeds[seed], sweep.seeds[seed]
             base = rand["steps"][-1] * rand["tokens_per_step"]
             need = tokens_to_reach(rec, rand["loss"][-1])
+            out[p]["tokens"].append(need)
             out[p]["as_is"].append(None if need is None else (base / need if need > 0 else math.inf))
             out[p]["with_source_flops"].append(None if need is None else base * rand["flops_per_token"] / (
                 need * rec["flops_per_token"] + src_flops))
@@ -207,18 +209,21 @@ def report(docs: Path, res: Result | None, complete: bool, command: str, cache: 
         return
     setup, table = res.setup, speedups(res)
     target = f"d={setup.hidden}, {setup.layers} layers"
+    random_tokens = setup.target_iters * setup.scale.tokens_per_step
     lines += [f"Target: {target}, {setup.target_iters} steps of {setup.scale.tokens_per_step} tokens for every run; "
               f"each source trained {setup.source_iters} steps (the same tokens). Random init's final held-out loss: "
               + ", ".join(f"{r['loss'][-1]:.4f}" for r in res.random.seeds.values())
               + f" (seeds {', '.join(map(str, res.seeds))}, peak lr {res.random.best:g}).", "",
-              "| path | source | best peak lr | final held-out loss | speedup (T-tokens) | with the source's FLOPs |",
-              "|---|---|---|---|---|---|"]
+              "| path | source | best peak lr | final held-out loss | T-tokens to reach it "
+              f"(random init: {random_tokens}) | speedup (T-tokens) | with the source's FLOPs |",
+              "|---|---|---|---|---|---|---|"]
     for p, sweep in res.paths.items():
         src = res.sources[p]
         final = [r["loss"][-1] for r in sweep.seeds.values()]
         lines.append(f"| {LABELS[p]} | {src['num_params'] / 1e6:.2f}M params, held-out {src['loss'][-1]:.4f} | "
                      f"{sweep.best:g}{' (edge)' if sweep.sweep.at_edge else ''} | "
                      f"{statistics.fmean(final):.4f} ({min(final):.4f}-{max(final):.4f}) | "
+                     f"{fmt(stats(table[p]['tokens']), 0)} | "
                      f"{fmt(stats(table[p]['as_is']))} | {fmt(stats(table[p]['with_source_flops']))} |")
     best, ties = best_path(table)
     lines += ["", f"Best path (the largest speedup with the source's FLOPs counted: the least compute in all to reach "
