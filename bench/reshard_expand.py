@@ -271,8 +271,8 @@ def drop(path: Path) -> None:
 
 
 # The copy baselines (kind, fsync, O_DIRECT): through the page cache with and without the fsync, and around it as
-# the converter writes. The page-cache copy's speed depends on the kernel's writeback of dirty pages, which on a
-# shared VM varied 10x between runs (docs/performance.md); the O_DIRECT copy is the floor the converter can reach.
+# the converter writes. What the page-cache copy costs depends on what the VM charges for writing into fresh memory,
+# which varied 20x between measurements here (docs/performance.md, table 5); the O_DIRECT copy is the honest floor.
 COPIES = (("copy", 1, 0), ("copy_nosync", 0, 0), ("copy_direct", 1, 1))
 
 
