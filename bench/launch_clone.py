@@ -42,12 +42,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], procs: int) -> float:
-    """Run launch/pretrain.py; returns the wall-clock time the launcher was started at."""
+def command(args: list[str], procs: int) -> tuple[list[str], dict[str, str]]:
+    """The command line of launch/pretrain.py on `procs` processes, and an environment without a parent's ranks."""
     cmd = [sys.executable, str(PRETRAIN), *args] if procs == 1 else [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
         str(free_port()), str(PRETRAIN), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return cmd, env
+
+
+def launch(args: list[str], procs: int) -> float:
+    """Run launch/pretrain.py to its end; returns the wall-clock time the launcher was started at."""
+    cmd, env = command(args, procs)
     started = time.time()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -67,9 +73,7 @@ def timed(args: list[str], run_dir: Path, limit_s: float = 1800.0) -> dict:
     """Launch on 2 processes and stop the job once its `startup` record is written: the clock stops there, and the
     training step after it (minutes for a 306M model on CPU) would only lengthen the benchmark."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(PRETRAIN), *args, "--run-dir", str(run_dir)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd, env = command([*args, "--run-dir", str(run_dir)], 2)
     log = run_dir.with_name(run_dir.name + ".log").open("w+")
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -21,6 +21,7 @@ import torch
 
 from megaclone.checkpoint import resolve_checkpoint
 from megaclone.train.cli import build_plan, parse_args
+from megaclone.train.safe_load import load_torch_file
 from tests.train.conftest import TINY, SmallRun, launch, losses
 from tests.train.test_integrity import Payload
 
@@ -82,7 +83,7 @@ def test_tampered_checkpoint_is_refused_before_any_step(small_run: SmallRun, tmp
     shutil.copytree(small_run.ckpt, ckpt)
     step_dir, marker = resolve_checkpoint(ckpt), tmp_path / "payload-ran"
     evil, cut = (step_dir / "deepspeed" / f"mp_rank_0{tp}_model_states.pt" for tp in (0, 1))
-    state = torch.load(evil, weights_only=False)  # our own fixture's file
+    state = load_torch_file(evil)  # our own fixture's file (DeepSpeed's types only)
     state["payload"] = Payload(marker)
     torch.save(state, evil)
     manifest = json.loads((step_dir / "manifest.json").read_text())  # forged to match, as an attacker would
