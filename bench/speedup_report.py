@@ -1,10 +1,11 @@
 """The speedup study's numbers, plots and docs/results.md section, from the run records alone (no training here).
 
 Speedup at a target: random init's held-out loss after k% of its steps is the target; a run's cost to reach it is
-the wide-model tokens until its held-out curve first gets there (linear between evaluations), relative to the
-tokens random init took (k% of its steps). "With S's FLOPs": the run's FLOPs plus all of S's training FLOPs
-against random init's FLOPs; "with S's tokens": the same in tokens. A clone already below the target at the
-widening point needs 0 tokens: infinite as is, finite with S counted.
+the wide-model tokens from which on its held-out curve stays at or below it (the last crossing, linear between
+evaluations), relative to the tokens random init took (k% of its steps). A clone starts below an early target and
+rises above it after the widening: it has reached the target when it is back down for good, not at step 0.
+"With S's FLOPs": the run's FLOPs plus all of S's training FLOPs against random init's FLOPs; "with S's tokens":
+the same in tokens. A clone never above the target needs 0 tokens: infinite as is, finite with S counted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from report import save_png, write_section
-from study_runs import loss_at, machine_line, tokens_to_reach
+from study_runs import loss_at, machine_line, records_machine_line, tokens_to_reach
 
 from megaclone.checkpoint.manifest import atomic_write_text
 
@@ -38,7 +39,7 @@ NAME = "speedup_study"
 
 
 def speedups(res: SizeResult) -> dict[str, dict[str, dict[float, list[float | None]]]]:
-    """type -> kind -> target -> per-seed speedup (inf: below the target at the widening; None: never reached).
+    """type -> kind -> target -> per-seed speedup (inf: never above the target; None: not reached by the end).
 
     Paired by seed: the held-out batches follow the run's seed, so a run is measured against the random init of
     its own seed. S continued is left out: it resumes S, whose seed (and so whose held-out batches) are S's own.
@@ -81,7 +82,7 @@ def fmt(s: dict, digits: int = 2) -> str:
         return "not reached"
     if math.isinf(s["mean"]):
         low = "" if math.isinf(s["min"]) else f", lowest {s['min']:.{digits}f}"
-        return f"∞ (below at the widening{low})"
+        return f"∞ (never above it{low})"
     text = f"{s['mean']:.{digits}f}" + ("" if s["std"] is None else f" ± {s['std']:.{digits}f}")
     text += f" ({s['min']:.{digits}f}-{s['max']:.{digits}f})" if s["of"] > 1 else ""
     return text + (f", reached on {s['n']}/{s['of']} seeds" if s["n"] < s["of"] else "")
@@ -309,12 +310,12 @@ def write_report(docs: Path, results: list[SizeResult], complete: bool, quick: b
         done = ", ".join(r.size.name for r in results) or "none"
         lines += [f"**In progress: sizes complete: {done}; the rest resumes with the same command (without "
                   "--sizes).**", ""]
-    cpu_h, wall_h = (sum(r[k] for r in unique) / 3600 for k in ("cpu_seconds", "wall_seconds"))
+    cpu_h = sum(r["cpu_seconds"] for r in unique) / 3600
+    ran = (f"; this invocation ran {cache.started} of them ({cache.cpu_seconds / 3600:.2f} CPU hours), {cache.jobs} "
+           f"at a time, in {elapsed / 3600:.2f} h" if cache.started else "")
     lines += [f"Command: `{command}`", "",
-              f"Machine: {machine_line()}; {cache.jobs} runs at a time. Runs reported here: {len(unique)}, "
-              f"{cpu_h:.2f} CPU hours, {wall_h:.2f} hours of run wall time; this invocation started "
-              f"{cache.started} runs "
-              f"({cache.cpu_seconds / 3600:.2f} CPU hours) in {elapsed / 3600:.2f} h. Records: "
+              f"Machine: {records_machine_line(list(unique)) if unique else machine_line()}.", "",
+              f"Runs reported here: {len(unique)}, {cpu_h:.2f} CPU hours{ran}. Records: "
               f"[results/runs/](results/runs/).", ""]
     for res in results:
         lines += size_lines(res, tables[res.size.name])

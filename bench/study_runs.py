@@ -207,6 +207,14 @@ def machine_line() -> str:
             f"end {load} (the machine is shared with other jobs, so wall times are noisy)")
 
 
+def records_machine_line(records: list[dict]) -> str:
+    """The machines and loads that `records` were measured under, for a report written from records alone."""
+    loads = sorted(r["load_average_at_end"][0] for r in records)
+    return (f"{', '.join(sorted({r['machine'] for r in records}))}; each run one process with one torch thread under "
+            f"nice -n {NICE}; 1-minute load average at a run's end {loads[0]:g}-{loads[-1]:g} (median "
+            f"{statistics.median(loads):g}): the cost is counted in CPU seconds, since wall times follow the load")
+
+
 def git_commit_id() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return out.stdout.strip() or "unknown"
@@ -371,16 +379,19 @@ def summarize_run(run_dir: Path, scale: Scale) -> dict:
 
 
 def tokens_to_reach(record: dict, target: float) -> float | None:
-    """Tokens at which the held-out curve first reaches `target` (linear between evaluations); None: never."""
+    """Tokens from which on the held-out curve stays at or below `target`: its last crossing down to it (linear
+    between evaluations); 0.0 if it is never above; None if it ends above. A clone that starts below the target
+    and rises above it after the widening has not reached the target until it comes back down for good."""
     tokens = [s * record["tokens_per_step"] for s in record["steps"]]
     points = list(zip(tokens, record["loss"]))
-    for i, (tok, loss) in enumerate(points):
-        if loss <= target:
-            if i == 0:
-                return float(tok)
-            t0, l0 = points[i - 1]
-            return t0 + (tok - t0) * (l0 - target) / (l0 - loss)
-    return None
+    above = [i for i, (_, loss) in enumerate(points) if loss > target]
+    if not above:
+        return 0.0
+    i = above[-1]
+    if i == len(points) - 1:
+        return None
+    (t0, l0), (t1, l1) = points[i], points[i + 1]
+    return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
 
 
 def loss_at(record: dict, step: int) -> float:

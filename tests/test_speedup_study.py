@@ -1,5 +1,5 @@
 """The arithmetic behind the speedup study's verdicts (bench/study_runs.py, bench/speedup_report.py): where a curve
-reaches a target, how a sweep extends past an edge, and the speedups paired by seed with S's cost counted.
+reaches a target for good, how a sweep extends past an edge, and the speedups paired by seed with S's cost counted.
 
 The study's runs take hours and are not repeated here; what turns their records into numbers is checked on
 records written by hand, whose answers are known.
@@ -27,12 +27,16 @@ def record(loss: list[float], every: int = 100, tokens_per_step: int = 10, flops
             "steps_run": steps[-1] if steps_run is None else steps_run}
 
 
-def test_tokens_to_reach_interpolates_the_first_crossing() -> None:
+def test_tokens_to_reach_is_where_the_curve_stays_below() -> None:
     rec = record([4.0, 3.0, 2.0, 2.5, 1.0])
     assert tokens_to_reach(rec, 2.5) == pytest.approx(1500.0)  # halfway between steps 100 and 200
-    assert tokens_to_reach(rec, 2.0) == pytest.approx(2000.0)  # exactly at an evaluation
-    assert tokens_to_reach(rec, 4.5) == 0.0  # already below at the start
+    # 2.0 is first touched at step 200, but the curve rises above it again: reached between steps 300 and 400
+    assert tokens_to_reach(rec, 2.0) == pytest.approx(3000.0 + 1000.0 / 3)
+    assert tokens_to_reach(rec, 4.5) == 0.0  # never above
     assert tokens_to_reach(rec, 0.5) is None  # never reached
+    assert tokens_to_reach(record([1.0, 2.0, 3.0]), 2.5) is None  # ends above
+    # a clone below the target at the widening that rises above it after (re-warmup) reaches it on its way down
+    assert tokens_to_reach(record([3.0, 3.8, 3.2, 2.8]), 3.5) == pytest.approx(1500.0)
 
 
 def test_sweep_extends_an_edge_until_the_best_is_interior() -> None:
