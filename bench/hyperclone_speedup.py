@@ -24,7 +24,7 @@ as is, with S's training FLOPs added, and with S's tokens added; mean and spread
     python bench/hyperclone_speedup.py --quick                  # under 5 minutes on 2 idle cores: the pipeline
     nohup python bench/hyperclone_speedup.py --jobs 2 --commit > runs/study.log 2>&1 &   # the study, 2 h at most
     python bench/hyperclone_speedup.py --report-only            # the report from the committed records only
-    python bench/hyperclone_speedup.py --gpu                    # one H100/H200: the large-size protocol at 125M
+    python bench/hyperclone_speedup.py --gpu                    # one H100/H200: the large-size protocol, 91M -> 353M
 
 An invocation stops starting runs when its --hours are up, writes the report of what is complete and exits with
 75; the same command continues. Finished runs are never repeated: their records sit in docs/results/runs/.
@@ -193,8 +193,8 @@ def finish(cache: RunCache, size: Size, types: dict[str, TypeResult], seeds: tup
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models and budgets: proves the pipeline (minutes)")
-    p.add_argument("--gpu", action="store_true", help="the large-size protocol at S = 125M (GPT-2 small's shape), "
-                   "widened to about 420M, bf16, on one GPU")
+    p.add_argument("--gpu", action="store_true", help="the large-size protocol at S = GPT-2 small's shape (91M "
+                   "parameters at its 8192 vocabulary), widened to 353M, bf16, on one GPU")
     p.add_argument("--gpu-lr", type=float, default=6e-4, help="--gpu: centre of the 3-point lr sweeps")
     p.add_argument("--recipe", choices=CLONES, default=None,
                    help="the clone type taken to the larger sizes (default: the best at the smallest size)")
