@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from report import save_png, write_section
-from study_runs import loss_at, machine_line, records_machine_line, tokens_to_reach
+from study_runs import loss_at, machine_line, tokens_to_reach
 
 from megaclone.checkpoint.manifest import atomic_write_text
 
@@ -314,7 +314,7 @@ def write_report(docs: Path, results: list[SizeResult], complete: bool, quick: b
     ran = (f"; this invocation ran {cache.started} of them ({cache.cpu_seconds / 3600:.2f} CPU hours), {cache.jobs} "
            f"at a time, in {elapsed / 3600:.2f} h" if cache.started else "")
     lines += [f"Command: `{command}`", "",
-              f"Machine: {records_machine_line(list(unique)) if unique else machine_line()}.", "",
+              f"Machine: {machine_line(list(unique))}.", "",
               f"Runs reported here: {len(unique)}, {cpu_h:.2f} CPU hours{ran}. Records: "
               f"[results/runs/](results/runs/).", ""]
     for res in results:

@@ -200,15 +200,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {gpu}"
 
 
-def machine_line() -> str:
-    """The machine and its load, for a report: runs here are one niced process with one torch thread each."""
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{machine()}; each run one process with one torch thread under nice -n {NICE}; load average at the "
-            f"end {load} (the machine is shared with other jobs, so wall times are noisy)")
-
-
-def records_machine_line(records: list[dict]) -> str:
-    """The machines and loads that `records` were measured under, for a report written from records alone."""
+def machine_line(records: list[dict] | None = None) -> str:
+    """The machine and its load, for a report: runs here are one niced process with one torch thread each. With
+    `records`, the machines and 1-minute loads those runs were measured under (a report written from records)."""
+    if not records:
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+        return (f"{machine()}; each run one process with one torch thread under nice -n {NICE}; load average at the "
+                f"end {load} (the machine is shared with other jobs, so wall times are noisy)")
     loads = sorted(r["load_average_at_end"][0] for r in records)
     return (f"{', '.join(sorted({r['machine'] for r in records}))}; each run one process with one torch thread under "
             f"nice -n {NICE}; 1-minute load average at a run's end {loads[0]:g}-{loads[-1]:g} (median "
