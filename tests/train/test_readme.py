@@ -121,7 +121,7 @@ def test_readme_examples_run_in_order(small_run: SmallRun, tmp_path: Path, monke
     start = elastic.index("start: resuming")  # said at start, before the model is built and trained
     assert "through the layout-free path" in elastic[start:].splitlines()[0]
     assert start < re.search(r"^step \d+:", elastic, flags=re.M).start()
-    cloned = output_of(r"--clone-noise-db 10")
+    cloned = output_of(r"--run-dir runs/wide --save runs/wide/ckpt")
     assert re.search(r"settings from the source checkpoint \S+: train\.\*", cloned)  # the small run's, inherited
     assert "step 30:" in cloned and "step 31:" not in cloned  # its train_iters among them
     assert "PASS: the large model computes the small model's function" in output_of(r"verify_clone")
